@@ -1,0 +1,18 @@
+"""The `tats` command: every stage as a sub-command (`tats extract`, `tats train`, ...)."""
+
+import typer
+
+from tats.cli import extract, manifest, run, synth, train
+
+app = typer.Typer(
+    help="Few-shot action recognition with trajectory-aligned tokens: manifests, synthetic data, "
+    "extraction of tracks and features into Zarr stores, training and evaluation.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.add_typer(manifest.app, name="manifest")
+app.add_typer(extract.app, name="extract")
+app.add_typer(train.app, name="train")
+app.command("synth")(synth.synth)
+app.command("run")(run.run)

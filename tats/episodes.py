@@ -1,0 +1,386 @@
+"""Few-shot episodes read from the two stores, never from video.
+
+`EpisodeData` opens a manifest with its tracks and features stores and refuses them unless
+they were made for that manifest and agree row by row (stored frames, frame counts). Only rows
+that both stores' ledgers call done take part; a class with too few of them is left out with a
+warning.
+
+An episode is a pure function of (seed, split, epoch, index, rank): `way` classes of one
+split, `shot` support and `queries` query clips of each. Resuming a run therefore redraws the
+episodes it would have drawn, and DDP ranks (different `rank`) draw different ones.
+`EpisodeDataset` turns a key (epoch, index) into the episode's tensors, reading every clip's
+arrays row by row (one chunk per array: fancy-indexing many rows of a sharded array at once
+is very slow); each DataLoader worker opens the stores on first use.
+
+    data = EpisodeData.open("tracks.zarr", "features.zarr", "manifest.csv")
+    train = data.dataset("train", EpisodeSpec(5, 1, 6), ReadOptions(random_view=True), seed=0)
+    batch = train[(epoch, index)]   # features, positions, mask, labels, classes, rows
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from tats.manifest import SPLITS, Manifest, read_manifest
+from tats.pipeline.status import done_rows
+from tats.stores import FEATURES, TRACKS, RowStore, StoreError
+
+TRACKS_MODES = ("tracks", "frozen")
+MASK_MODES = ("query", "visible")
+
+
+class EpisodeWarning(UserWarning):
+    """Rows or classes left out of episodes (failed videos, classes with too few videos)."""
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """N-way K-shot episodes with Q queries per class."""
+
+    way: int
+    shot: int
+    queries: int
+
+    def __post_init__(self) -> None:
+        if self.way < 2:
+            raise ValueError(f"way must be at least 2, not {self.way}")
+        for name in ("shot", "queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+
+    @property
+    def per_class(self) -> int:
+        return self.shot + self.queries
+
+    @property
+    def num_support(self) -> int:
+        return self.way * self.shot
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a clip's arrays become model inputs.
+
+    random_view: a random feature view per clip (training), else view 0 (the unaugmented one).
+    fresh_subset: draw a new random subset of the clip's points on every read instead of the
+    stored 256-subset. tracks_mode "frozen" keeps every point at its position of the first
+    stored frame it exists at: a fixed grid, the appearance-only baseline. mask "query": a
+    point exists from its query frame on (the original's query mask); "visible": only where
+    the tracker saw it.
+    """
+
+    random_view: bool = False
+    fresh_subset: bool = False
+    tracks_mode: str = "tracks"
+    mask: str = "query"
+
+    def __post_init__(self) -> None:
+        if self.tracks_mode not in TRACKS_MODES:
+            raise ValueError(f"tracks mode {self.tracks_mode!r} is not one of {TRACKS_MODES}")
+        if self.mask not in MASK_MODES:
+            raise ValueError(f"mask {self.mask!r} is not one of {MASK_MODES}")
+
+
+@dataclass(frozen=True)
+class SplitClasses:
+    """The classes of one split, the usable rows of each, and which of them episodes draw."""
+
+    split: str
+    names: tuple[str, ...]  # every class of the split in the manifest, sorted
+    rows: tuple[np.ndarray, ...]  # usable rows of each class, ascending
+    drawable: np.ndarray  # indices into `names` of the classes with enough rows
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Which clips an episode holds: the supports class by class, then the queries."""
+
+    rows: np.ndarray  # [n] manifest rows
+    labels: np.ndarray  # [n] episode label, 0..way-1
+    classes: np.ndarray  # [n] index into SplitClasses.names
+    views: np.ndarray  # [n] feature view read for each clip
+    subset_seeds: np.ndarray  # [n] seeds of fresh point subsets (ReadOptions.fresh_subset)
+
+
+def episode_rng(seed: int, split: str, epoch: int, index: int, rank: int) -> np.random.Generator:
+    """The random stream of one episode."""
+    return np.random.default_rng([seed, SPLITS.index(split), epoch, index, rank])
+
+
+def draw_episode(
+    classes: SplitClasses, spec: EpisodeSpec, views: int, random_view: bool,
+    rng: np.random.Generator,
+) -> Episode:
+    """Draw `spec.way` classes, then `spec.per_class` distinct clips of each."""
+    chosen = rng.choice(classes.drawable, spec.way, replace=False)
+    picks = [rng.choice(classes.rows[c], spec.per_class, replace=False) for c in chosen]
+    rows = np.concatenate([p[: spec.shot] for p in picks] + [p[spec.shot :] for p in picks])
+    labels = np.concatenate(
+        [np.repeat(np.arange(spec.way), spec.shot), np.repeat(np.arange(spec.way), spec.queries)]
+    )
+    n = len(rows)
+    view = rng.integers(0, views, n) if random_view else np.zeros(n, np.int64)
+    seeds = rng.integers(0, 2**63 - 1, n)
+    return Episode(rows.astype(np.int64), labels, chosen[labels], view, seeds)
+
+
+class EpisodeData:
+    """A manifest and its two stores, checked against each other; use `EpisodeData.open`."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        tracks: RowStore,
+        features: RowStore,
+        usable: np.ndarray,
+        frames: np.ndarray,
+        frame_size: np.ndarray,
+    ):
+        self.manifest = manifest
+        self.tracks = tracks
+        self.features = features
+        self.usable = usable  # rows done in both stores, ascending
+        self.frames = frames  # [R, S] time-base index of each stored frame
+        self.frame_size = frame_size  # [R, 2] (height, width) of the decoded frames
+
+    @classmethod
+    def open(
+        cls, tracks: str | Path, features: str | Path, manifest: str | Path | Manifest
+    ) -> EpisodeData:
+        """Open and check the stores; raise StoreError naming the store and the disagreement."""
+        if not isinstance(manifest, Manifest):
+            manifest = read_manifest(manifest)
+        track_store = RowStore.open(tracks, TRACKS)
+        feature_store = RowStore.open(features, FEATURES)
+        for store in (track_store, feature_store):
+            made_for = store.provenance.get("manifest_sha256")
+            if made_for != manifest.sha256:
+                raise StoreError(
+                    f"{store.path} was made for another manifest (sha256 {str(made_for)[:12]}..., "
+                    f"{manifest.path} has {manifest.sha256[:12]}...)"
+                )
+            if store.num_rows != len(manifest.rows):
+                raise StoreError(
+                    f"{store.path} has {store.num_rows} rows, {manifest.path} lists "
+                    f"{len(manifest.rows)} videos"
+                )
+        s_tracks = track_store.fields["frames"].shape[0]
+        s_features = feature_store.fields["frames"].shape[0]
+        if s_tracks != s_features:
+            raise StoreError(
+                f"{track_store.path} stores {s_tracks} frames per video, {feature_store.path} "
+                f"{s_features}"
+            )
+        done_t, done_f = done_rows(track_store), done_rows(feature_store)
+        usable = np.intersect1d(done_t, done_f)
+        only = len(done_t) + len(done_f) - 2 * len(usable)
+        if only:
+            warnings.warn(
+                f"{only} videos are done in only one of {track_store.path.name} and "
+                f"{feature_store.path.name}; they are left out",
+                EpisodeWarning,
+                stacklevel=2,
+            )
+        if not len(usable):
+            raise StoreError(
+                f"no video is done in both {track_store.path} and {feature_store.path}"
+            )
+        # Small arrays, read whole: a slice reads each shard once.
+        frames = track_store.group["frames"][:]
+        frame_size = track_store.group["frame_size"][:]
+        for name, t_values in (("frames", frames), ("num_frames", track_store.group["num_frames"][:])):
+            f_values = feature_store.group[name][:]
+            differ = (t_values[usable] != f_values[usable]).reshape(len(usable), -1).any(axis=1)
+            if differ.any():
+                row = int(usable[np.argmax(differ)])
+                raise StoreError(
+                    f"row {row} ({manifest.rows[row].video_id}): {name} differ between "
+                    f"{track_store.path} ({t_values[row].tolist()}) and {feature_store.path} "
+                    f"({f_values[row].tolist()}); were the stores made with the same settings?"
+                )
+        return cls(manifest, track_store, feature_store, usable, frames, frame_size)
+
+    @property
+    def num_frames(self) -> int:
+        """S, the stored frames per clip."""
+        return self.frames.shape[1]
+
+    @property
+    def views(self) -> int:
+        return self.features.fields["features"].shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the patch grids."""
+        return self.features.fields["features"].shape[2:4]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.features.fields["features"].shape[4]
+
+    @property
+    def points(self) -> int:
+        """P, the points per clip (the size of the stored subset)."""
+        return self.tracks.fields["subset"].shape[0]
+
+    def classes(self, split: str, per_class: int, way: int) -> SplitClasses:
+        """The split's classes; those with fewer than `per_class` usable videos are left out
+        with a warning, and fewer than `way` classes left is an error."""
+        names = tuple(self.manifest.classes(split))
+        usable = set(self.usable.tolist())
+        rows = tuple(
+            np.array(
+                [r.row for r in self.manifest.split_rows(split) if r.label == c and r.row in usable],
+                dtype=np.int64,
+            )
+            for c in names
+        )
+        counts = np.array([len(r) for r in rows], dtype=np.int64)
+        drawable = np.flatnonzero(counts >= per_class)
+        short = [f"{names[i]} ({counts[i]})" for i in np.flatnonzero(counts < per_class)]
+        if short:
+            warnings.warn(
+                f"{split} classes with fewer than {per_class} usable videos are left out: "
+                + ", ".join(short),
+                EpisodeWarning,
+                stacklevel=2,
+            )
+        if len(drawable) < way:
+            raise StoreError(
+                f"the {split} split has {len(drawable)} classes with at least {per_class} usable "
+                f"videos; {way}-way episodes need {way}"
+            )
+        return SplitClasses(split, names, rows, drawable)
+
+    def dataset(
+        self,
+        split: str,
+        spec: EpisodeSpec,
+        options: ReadOptions,
+        seed: int,
+        rank: int = 0,
+        classes: SplitClasses | None = None,
+    ) -> EpisodeDataset:
+        """Episodes of `split`; `rank` enters the draw (give each DDP rank its own in training,
+        and 0 in evaluation, where ranks split one set of episodes by index)."""
+        classes = classes or self.classes(split, spec.per_class, spec.way)
+        return EpisodeDataset(
+            self.tracks.path, self.features.path, classes, spec, options, self.frames,
+            self.frame_size, self.views, seed, rank,
+        )
+
+
+class EpisodeDataset(Dataset):
+    """Key (epoch, index) -> the tensors of one episode.
+
+    features float16 [n, S, h, w, C]; positions float32 [n, S, P, 2], (x, y) in [-1, 1] by the
+    decoded frame size; mask bool [n, S, P]; labels, classes, rows int64 [n]; key int64 [2].
+    Padding points (clips with fewer than P points) sit at (0, 0) and are masked everywhere.
+    """
+
+    def __init__(
+        self,
+        tracks: Path,
+        features: Path,
+        classes: SplitClasses,
+        spec: EpisodeSpec,
+        options: ReadOptions,
+        frames: np.ndarray,
+        frame_size: np.ndarray,
+        views: int,
+        seed: int,
+        rank: int = 0,
+    ):
+        self.tracks_path, self.features_path = Path(tracks), Path(features)
+        self.classes, self.spec, self.options = classes, spec, options
+        self.frames, self.frame_size, self.views = frames, frame_size, views
+        self.seed, self.rank = seed, rank
+        self._stores: tuple[RowStore, object] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stores": None}  # every worker opens its own
+
+    def _open(self) -> tuple[RowStore, object]:
+        if self._stores is None:
+            features = RowStore.open(self.features_path, FEATURES).group["features"]
+            self._stores = (RowStore.open(self.tracks_path, TRACKS), features)
+        return self._stores
+
+    def episode(self, epoch: int, index: int) -> Episode:
+        rng = episode_rng(self.seed, self.classes.split, epoch, index, self.rank)
+        return draw_episode(self.classes, self.spec, self.views, self.options.random_view, rng)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        episode = self.episode(*key)
+        clips = [
+            self.read_clip(int(row), int(view), int(seed))
+            for row, view, seed in zip(
+                episode.rows, episode.views, episode.subset_seeds, strict=True
+            )
+        ]
+        features, positions, mask = (np.stack(parts) for parts in zip(*clips, strict=True))
+        return {
+            "features": torch.from_numpy(features),
+            "positions": torch.from_numpy(positions),
+            "mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(episode.labels),
+            "classes": torch.from_numpy(episode.classes),
+            "rows": torch.from_numpy(episode.rows),
+            "key": torch.tensor(key, dtype=torch.int64),
+        }
+
+    def read_clip(
+        self, row: int, view: int, subset_seed: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One clip: features [S, h, w, C], positions [S, P, 2] in [-1, 1], mask [S, P]."""
+        tracks, features = self._open()
+        opt = self.options
+        names = ["positions", "query_frame", "subset"]
+        names += ["visible"] if opt.mask == "visible" else []
+        names += ["valid"] if opt.fresh_subset else []
+        t = tracks.read_row(row, tuple(names))
+        subset = t["subset"]
+        if opt.fresh_subset:
+            kept = int(t["valid"].sum())  # kept points come first
+            take = min(len(subset), kept)
+            subset = np.full(len(subset), -1, np.int64)
+            subset[:take] = np.random.default_rng(subset_seed).choice(kept, take, replace=False)
+        real = subset >= 0
+        index = np.where(real, subset, 0)
+        exists = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
+        mask = t["visible"][:, index] & real if opt.mask == "visible" else exists
+        positions = t["positions"][:, index]
+        if opt.tracks_mode == "frozen":
+            first = exists.argmax(axis=0)  # the first stored frame each point exists at
+            positions = np.broadcast_to(positions[first, np.arange(len(index))], positions.shape)
+        height, width = self.frame_size[row]
+        scale = np.array([width, height], np.float32)
+        positions = np.where(real[None, :, None], positions / scale * 2 - 1, 0).astype(np.float32)
+        return np.asarray(features[row, view]), positions, mask
+
+
+class EpisodeKeys(Sampler):
+    """The keys (epoch, index) one pass of a DataLoader runs: `indices` of the current epoch.
+
+    Training gives every rank range(E) (ranks differ through the dataset's `rank`);
+    evaluation gives rank r the indices r, r + world, ... of one shared set of episodes.
+    """
+
+    def __init__(self, indices: range, epoch: int = 0):
+        self.indices, self.epoch = indices, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

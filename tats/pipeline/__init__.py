@@ -1,0 +1,1 @@
+"""Stage one: offline extraction of point tracks and patch features into Zarr stores."""

@@ -1,0 +1,372 @@
+"""Frame feature backbones, looked up by name: DINOv2 through timm, and a weight-free `pixels`.
+
+A backbone maps uint8 RGB frames [B, S, H, W, 3] to patch-feature grids [B, S, h, w, C]
+(16 x 16 at 224 px for patch 14). Frames are squashed to `size` x `size` (bilinear,
+antialiased, aspect not kept), scaled to [0, 1] and normalised (CLIP mean/std by default), as
+the original TATs does before its frozen DINOv2.
+
+DINOv2 features are the patch tokens after the final norm, CLS and register tokens dropped.
+The weights' 37 x 37 position embedding (518 px) is resampled once at load time exactly as the
+official DINOv2 code does at 224 px on every forward (bicubic; for the plain models without
+antialias and with its 0.1 scale offset, for the register models with antialias), so that the
+features equal those of the official hub models the original used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Squash-resize to `size` x `size`, scale to [0, 1], normalise with `mean` / `std`."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"preprocess needs size > 0 and 3 means / 3 positive stds: {self}")
+
+    def to_dict(self) -> dict:
+        """JSON-native form (lists, not tuples), as stored in store attributes."""
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> float32 [N, 3, size, size]."""
+        x = frames.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+class Backbone(ABC):
+    """Frozen patch-feature extractor; subclasses implement `forward` on normalised images."""
+
+    name: str
+    patch_size: int
+    dim: int
+    preprocess: Preprocess
+    weights_sha256: str | None
+    device: torch.device
+
+    def __init__(self, preprocess: Preprocess | None, device: str | torch.device) -> None:
+        self.preprocess = preprocess or Preprocess()
+        self.device = torch.device(device)
+        if self.preprocess.size % self.patch_size:
+            raise ValueError(
+                f"backbone {self.name!r}: input size {self.preprocess.size} is not a multiple "
+                f"of its patch size {self.patch_size}"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (h, w) of one frame."""
+        side = self.preprocess.size // self.patch_size
+        return side, side
+
+    @property
+    def identity(self) -> dict:
+        """What produced a set of features; written into the features store for provenance."""
+        return {
+            "name": self.name,
+            "weights_sha256": self.weights_sha256,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images [N, 3, size, size] on `device` -> float32 [N, h, w, C]."""
+
+    def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames [B, S, H, W, 3] -> float32 features [B, S, h, w, C] on `device`."""
+        if frames.ndim != 5:
+            raise ValueError(
+                f"backbone {self.name!r}: frames must be uint8 [B, S, H, W, 3], got "
+                f"{tuple(frames.shape)}"
+            )
+        batch, steps = frames.shape[:2]
+        features = self.encode([frames.reshape(batch * steps, *frames.shape[2:])])
+        return features.reshape(batch, steps, *features.shape[1:])
+
+    def encode(self, frames: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Frames of several clips, uint8 [N_i, H_i, W_i, 3] (sizes may differ), in one forward.
+
+        Each clip is resized on the device, then all go through the model together:
+        float32 [sum N_i, h, w, C] on `device`.
+        """
+        with torch.inference_mode():
+            images = torch.cat([self.preprocess(self._to_device(f)) for f in frames])
+            return self.forward(images)
+
+    def _to_device(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(frames, np.ndarray):  # torch wants positive strides and a writable array
+            frames = np.require(frames, requirements=("C", "W"))
+        x = torch.as_tensor(frames)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"backbone {self.name!r}: frames must be uint8 [N, H, W, 3], got "
+                f"{x.dtype} {tuple(x.shape)}"
+            )
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
+
+
+BackboneFactory = Callable[..., Backbone]
+_BACKBONES: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator adding a backbone factory to the registry under `name`."""
+
+    def add(factory: BackboneFactory) -> BackboneFactory:
+        if name in _BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _BACKBONES[name] = factory
+        return factory
+
+    return add
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def create_backbone(
+    name: str,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    preprocess: Preprocess | None = None,
+    **kwargs,
+) -> Backbone:
+    """Build the backbone registered as `name`, weights from `weights` or the local caches.
+
+    Extra keyword arguments go to the model constructor (e.g. `depth=2` for small test models).
+    """
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    return _BACKBONES[name](weights=weights, device=device, preprocess=preprocess, **kwargs)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2
+
+# official hub name -> (timm model name, official checkpoint stem)
+DINOV2_MODELS = {
+    "dinov2_vits14": ("vit_small_patch14_dinov2", "dinov2_vits14"),
+    "dinov2_vitb14": ("vit_base_patch14_dinov2", "dinov2_vitb14"),
+    "dinov2_vitl14": ("vit_large_patch14_dinov2", "dinov2_vitl14"),
+    "dinov2_vits14_reg": ("vit_small_patch14_reg4_dinov2", "dinov2_vits14_reg4"),
+    "dinov2_vitb14_reg": ("vit_base_patch14_reg4_dinov2", "dinov2_vitb14_reg4"),
+    "dinov2_vitl14_reg": ("vit_large_patch14_reg4_dinov2", "dinov2_vitl14_reg4"),
+}
+
+
+def dinov2_weight_locations(name: str) -> list[tuple[str, Path | None]]:
+    """Where weights for `name` are looked for when none are given, in order:
+    (description, path if present). Only local caches are read, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    timm_name, stem = DINOV2_MODELS[name]
+    repo = f"timm/{timm_name}.lvd142m"
+    found: list[tuple[str, Path | None]] = []
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(repo, filename)  # a path, None, or a "known absent" mark
+        path = Path(cached) if isinstance(cached, str) else None
+        found.append((f"Hugging Face cache {repo}/{filename}", path))
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / f"{stem}_pretrain.pth"
+    found.append((f"torch hub cache {hub_file}", hub_file if hub_file.is_file() else None))
+    return found
+
+
+def _find_dinov2_weights(name: str) -> Path:
+    locations = dinov2_weight_locations(name)
+    for _, path in locations:
+        if path is not None:
+            return path
+    timm_name, stem = DINOV2_MODELS[name]
+    base = stem.removesuffix("_reg4")
+    looked = "; ".join(description for description, _ in locations)
+    raise FileNotFoundError(
+        f"no weights for backbone {name!r}: pass --weights PATH (the official "
+        f"{DINOV2_URL}/{base}/{stem}_pretrain.pth, or model.safetensors of the Hugging Face "
+        f"repo timm/{timm_name}.lvd142m); looked in: {looked}"
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch / safetensors raise many types for a bad file
+        raise ValueError(f"{path}: cannot read weights: {error}") from error
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def resample_pos_embed_official(
+    pos_embed: torch.Tensor, grid: tuple[int, int], registers: bool
+) -> torch.Tensor:
+    """Resample a square position embedding [1, (1 +) M*M, C] to `grid` the way the official
+    DINOv2 forward does: bicubic; plain models without antialias, with scale factor
+    (grid + 0.1) / M; register models with antialias, to the exact size."""
+    tokens, dim = pos_embed.shape[1:]
+    prefix = 0 if math.isqrt(tokens) ** 2 == tokens else 1
+    side = math.isqrt(tokens - prefix)
+    if side * side != tokens - prefix:
+        raise ValueError(f"pos_embed with {tokens} tokens is not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    patches = pos_embed[:, prefix:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if registers:
+        patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", antialias=True)
+    else:
+        scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :prefix], patches], dim=1)
+
+
+class Dinov2Backbone(Backbone):
+    """DINOv2 ViT-*/14 (timm implementation) loaded from official or timm-format weights."""
+
+    patch_size = 14
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        preprocess: Preprocess | None = None,
+        **model_kwargs,
+    ) -> None:
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        self.name = name
+        super().__init__(preprocess, device)
+        timm_name, stem = DINOV2_MODELS[name]
+        path = Path(weights) if weights is not None else _find_dinov2_weights(name)
+        state = _read_state_dict(path)
+        if "pos_embed" not in state:
+            raise ValueError(f"{path}: no 'pos_embed'; not a DINOv2 state dict")
+
+        model = timm.create_model(
+            timm_name,
+            pretrained=False,
+            img_size=self.preprocess.size,
+            num_classes=0,
+            **model_kwargs,
+        )
+        state["pos_embed"] = resample_pos_embed_official(
+            state["pos_embed"], model.patch_embed.grid_size, registers=stem.endswith("_reg4")
+        )
+        # timm's own conversion of official key names (registers, cls position, mask token)
+        state = checkpoint_filter_fn(state, model)
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong_shape = [
+            k for k, v in state.items() if k in expected and expected[k].shape != v.shape
+        ]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                f"{path}: weights do not fit backbone {name!r}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}"
+            )
+        model.load_state_dict(state)
+        self.weights_sha256 = file_sha256(path)
+        self.dim = model.num_features
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                tokens = self.model.forward_features(images)
+        else:
+            tokens = self.model.forward_features(images)  # CPUs without bf16 units: fp32
+        patches = tokens[:, self.model.num_prefix_tokens :].float()
+        return patches.reshape(images.shape[0], *self.grid, self.dim)
+
+
+for _name in DINOV2_MODELS:
+    register_backbone(_name)(partial(Dinov2Backbone, _name))
+
+
+# ---------------------------------------------------------------------------------------------
+# pixels
+
+
+@register_backbone("pixels")
+class PixelsBackbone(Backbone):
+    """Weight-free features for the demo and tests: for each 14 x 14 patch of the normalised
+    frame, the mean, standard deviation, and mean absolute horizontal and vertical difference
+    of each colour channel (12 numbers), times a fixed random matrix (numpy seed 0) to 64
+    channels. Deterministic and cheap; it sees colour and texture, not objects."""
+
+    name = "pixels"
+    patch_size = 14
+    dim = 64
+    weights_sha256 = None
+
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        preprocess: Preprocess | None = None,
+    ) -> None:
+        if weights is not None:
+            raise ValueError("backbone 'pixels' has no weights; drop --weights")
+        super().__init__(preprocess, device)
+        projection = np.random.default_rng(0).standard_normal((12, self.dim)) / math.sqrt(12)
+        self.projection = torch.from_numpy(projection).float().to(self.device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dx = F.pad(images[..., :, 1:] - images[..., :, :-1], (0, 1)).abs()
+        dy = F.pad(images[..., 1:, :] - images[..., :-1, :], (0, 0, 0, 1)).abs()
+        pooled = F.avg_pool2d(torch.cat([images, images * images, dx, dy], dim=1), self.patch_size)
+        mean, square, mean_dx, mean_dy = pooled.split(3, dim=1)
+        std = (square - mean * mean).clamp(min=0).sqrt()
+        stats = torch.cat([mean, std, mean_dx, mean_dy], dim=1)  # [N, 12, h, w]
+        return stats.permute(0, 2, 3, 1) @ self.projection

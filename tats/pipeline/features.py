@@ -1,0 +1,170 @@
+"""`tats-extract features`: patch-feature grids of the frames training uses, into features.zarr.
+
+The S frames of a video are the ones the tracks stage stores, computed by the same functions
+from the decoded frame count, so both stages can run apart. View 0 is the plain clip; views
+1..V-1 are clip-consistent photometric augmentations with recorded seeds, so that training
+keeps the original's augmentation without decoding video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache, partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tats.manifest import Manifest, VideoRow
+from tats.pipeline.augment import AugmentConfig, augment_clip, view_seed
+from tats.pipeline.backbones import Backbone, Preprocess, create_backbone
+from tats.pipeline.executors import run_on_dask
+from tats.pipeline.plan import my_units, resolve_share
+from tats.pipeline.runner import RunSummary, run_stage
+from tats.stores import FEATURES, RowStore, features_fields
+from tats.video import probe, read_frames, stored_frames, timeline
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Everything that decides what a features store holds (recorded in it, checked on resume)."""
+
+    backbone: str = "dinov2_vitb14"
+    frames: int = 8
+    fps: float | None = 10.0
+    native_suffixes: tuple[str, ...] = (".webm",)
+    views: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    shard_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "views", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ViewsLoader:
+    """Decodes a video's S stored frames and makes its views (runs in decode workers)."""
+
+    config: FeaturesConfig
+
+    def __call__(self, row: VideoRow) -> dict[str, np.ndarray]:
+        c = self.config
+        native = timeline(probe(row.path), c.fps, c.native_suffixes)
+        frames_on_time_base = stored_frames(len(native), c.frames)
+        clip = read_frames(row.path, native[frames_on_time_base])
+        seeds = np.array([view_seed(row.video_id, v) for v in range(c.views)], np.int64)
+        return {
+            "clips": np.stack([augment_clip(clip, int(s), c.augment) for s in seeds]),
+            "frames": frames_on_time_base.astype(np.int32),
+            "num_frames": np.int32(len(native)),
+            "view_seed": seeds,
+        }
+
+
+class FeaturesStage:
+    """The features stage for the runner: decode and augment in workers, encode here."""
+
+    def __init__(self, config: FeaturesConfig, backbone: Backbone, batch_size: int = 4):
+        self.config, self.backbone, self.batch_size = config, backbone, batch_size
+        self.loader = ViewsLoader(config)
+
+    def compute(self, rows: list[VideoRow], loaded: list[dict]) -> list[dict[str, np.ndarray]]:
+        # Clips of one batch may differ in size; each is resized on the device, then all of
+        # them go through the backbone in one forward.
+        clips = [item["clips"] for item in loaded]  # each [V, S, H, W, 3]
+        features = self.backbone.encode([c.reshape(-1, *c.shape[2:]) for c in clips])
+        features = features.to("cpu", torch.float16).numpy()
+        out, start = [], 0
+        for item, clip in zip(loaded, clips, strict=True):
+            count = clip.shape[0] * clip.shape[1]
+            grids = features[start : start + count].reshape(*clip.shape[:2], *features.shape[1:])
+            start += count
+            out.append(
+                {**{k: item[k] for k in ("frames", "num_frames", "view_seed")}, "features": grids}
+            )
+        return out
+
+
+def open_features_store(
+    out: str | Path, manifest: Manifest, config: FeaturesConfig, backbone: Backbone
+) -> RowStore:
+    """Create the store for (manifest, config, backbone), or open it if it was made for them."""
+    provenance = {
+        "manifest_sha256": manifest.sha256,
+        "config": asdict(config),
+        "backbone": backbone.identity,
+    }
+    side = backbone.grid[0]
+    fields = features_fields(config.views, config.frames, side, backbone.dim)
+    return RowStore.create_or_open(
+        out, FEATURES, fields, len(manifest.rows), config.shard_size, provenance
+    )
+
+
+def extract_features(
+    manifest: Manifest,
+    out: str | Path,
+    config: FeaturesConfig,
+    *,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+    batch_videos: int = 4,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
+    progress: bool = True,
+    backbone_kwargs: dict | None = None,
+) -> RunSummary:
+    """Run this process's share of the features stage; finished units are skipped.
+
+    `backbone_kwargs` go to the model constructor (small test models, e.g. `{"depth": 2}`).
+    """
+    index, count = resolve_share(shard_index, num_shards)
+    kwargs = tuple(sorted((backbone_kwargs or {}).items()))
+    backbone = _cached_backbone(config.backbone, weights, device, config.preprocess, kwargs)
+    store = open_features_store(out, manifest, config, backbone)
+    units = my_units(len(store.shards()), index, count)
+    if executor == "dask":
+        task = partial(
+            _features_unit, manifest, str(out), config, weights, device, batch_videos, kwargs
+        )
+        return run_on_dask(task, units, scheduler, progress, desc="features units")
+    if executor != "local":
+        raise ValueError(f"unknown executor {executor!r}; use local or dask")
+    stage = FeaturesStage(config, backbone, batch_videos)
+    return run_stage(stage, store, manifest, units, workers, progress, desc="features")
+
+
+@lru_cache(maxsize=2)
+def _cached_backbone(
+    name: str,
+    weights: str | Path | None,
+    device: str,
+    preprocess: Preprocess,
+    kwargs: tuple[tuple[str, object], ...],
+) -> Backbone:
+    return create_backbone(
+        name, weights=weights, device=device, preprocess=preprocess, **dict(kwargs)
+    )
+
+
+def _features_unit(
+    manifest: Manifest,
+    out: str,
+    config: FeaturesConfig,
+    weights: str | Path | None,
+    device: str,
+    batch_videos: int,
+    kwargs: tuple[tuple[str, object], ...],
+    unit: int,
+) -> RunSummary:
+    """One unit on a cluster worker: the backbone is built once per worker process."""
+    backbone = _cached_backbone(config.backbone, weights, device, config.preprocess, kwargs)
+    stage = FeaturesStage(config, backbone, batch_videos)
+    store = RowStore.open(out, FEATURES)
+    return run_stage(stage, store, manifest, [unit], workers=0, progress=False)

@@ -1,0 +1,201 @@
+"""`tats-extract tracks`: point tracks of every manifest video into tracks.zarr.
+
+Per video (REFERENCE.md section 1): decode on the track time base (10 fps; native for .webm),
+lay a grid at every query frame, track all of them in one tracker call, hide each point
+before its query frame, drop redundant points, draw the video's fixed 256-subset, and keep the
+positions and visibility at the S frames training uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+
+import numpy as np
+
+from tats.manifest import Manifest, VideoRow
+from tats.pipeline import queries as Q
+from tats.pipeline.executors import run_on_dask
+from tats.pipeline.plan import my_units, resolve_share
+from tats.pipeline.runner import RunSummary, run_stage
+from tats.pipeline.trackers import Tracker, create_tracker
+from tats.stores import TRACKS, RowStore, tracks_fields
+from tats.video import probe, read_frames, stored_frames, timeline
+
+
+@dataclass(frozen=True)
+class TracksConfig:
+    """Everything that decides what a tracks store holds (recorded in it, checked on resume)."""
+
+    tracker: str = "lk"
+    grid: int = 16
+    queries: str = "uniform:8"
+    frames: int = 8
+    fps: float | None = 10.0
+    native_suffixes: tuple[str, ...] = (".webm",)
+    min_distance: float = 16.0
+    subset: int = 256
+    max_points: int | None = None
+    shard_size: int = 64
+
+    def __post_init__(self) -> None:
+        Q.QueryStrategy.parse(self.queries)
+        for name in ("grid", "frames", "subset", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps must be positive, not {self.fps}")
+
+    @property
+    def points(self) -> int:
+        """Room on the point axis: every grid point of every query frame."""
+        if self.max_points is not None:
+            return self.max_points
+        return self.grid**2 * Q.QueryStrategy.parse(self.queries).max_query_frames()
+
+
+@dataclass(frozen=True)
+class ClipLoader:
+    """Decodes a video on the track time base (runs in decode worker processes)."""
+
+    fps: float | None
+    native_suffixes: tuple[str, ...]
+
+    def __call__(self, row: VideoRow) -> np.ndarray:
+        info = probe(row.path)
+        return read_frames(row.path, timeline(info, self.fps, self.native_suffixes))
+
+
+def track_clips(
+    clips: list[np.ndarray], video_ids: list[str], tracker: Tracker, config: TracksConfig
+) -> list[dict[str, np.ndarray]]:
+    """Store rows for decoded clips (T, H, W, 3): all query frames of a clip in one call."""
+    strategy = Q.QueryStrategy.parse(config.queries)
+    queries = [Q.make_queries(strategy, config.grid, len(c), c.shape[1], c.shape[2]) for c in clips]
+    if len(clips) == 1:
+        outputs = [tracker.track(clips[0], queries[0])]
+    else:
+        outputs = tracker.track_batch(list(zip(clips, queries, strict=True)))
+    return [
+        tracks_row(tracks, vis, q[:, 0].astype(np.int32), clip.shape, config, video_id)
+        for video_id, clip, q, (tracks, vis) in zip(video_ids, clips, queries, outputs, strict=True)
+    ]
+
+
+def tracks_row(
+    tracks: np.ndarray,
+    visible: np.ndarray,
+    query_frame: np.ndarray,
+    shape: tuple[int, ...],
+    config: TracksConfig,
+    video_id: str,
+) -> dict[str, np.ndarray]:
+    """Filter, subset and subsample full-length tracks into one store row."""
+    T, H, W = shape[:3]
+    tracks = np.asarray(tracks, np.float32)
+    inside = (
+        (tracks[..., 0] >= 0)
+        & (tracks[..., 0] <= W - 1)
+        & (tracks[..., 1] >= 0)
+        & (tracks[..., 1] <= H - 1)
+    )
+    visible = Q.hide_before_query(np.asarray(visible, bool), query_frame) & inside
+    keep = np.flatnonzero(Q.filter_redundant(tracks, visible, query_frame, config.min_distance))
+    keep = keep[: config.points]
+    n = len(keep)
+    stored = stored_frames(T, config.frames)
+    P = config.points
+    row = {
+        "positions": np.zeros((config.frames, P, 2), np.float32),
+        "visible": np.zeros((config.frames, P), bool),
+        "valid": np.zeros(P, bool),
+        "query_frame": np.full(P, -1, np.int32),
+        "subset": Q.choose_subset(n, config.subset, video_id),
+        "frames": stored.astype(np.int32),
+        "num_frames": np.int32(T),
+        "frame_size": np.array([H, W], np.int32),
+    }
+    row["positions"][:, :n] = tracks[stored][:, keep]
+    row["visible"][:, :n] = visible[stored][:, keep]
+    row["valid"][:n] = True
+    row["query_frame"][:n] = query_frame[keep]
+    return row
+
+
+class TracksStage:
+    """The tracks stage for the runner: decode in workers, track here."""
+
+    def __init__(self, config: TracksConfig, tracker: Tracker, batch_size: int = 1):
+        self.config, self.tracker, self.batch_size = config, tracker, batch_size
+        self.loader = ClipLoader(config.fps, config.native_suffixes)
+
+    def compute(self, rows: list[VideoRow], clips: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return track_clips(clips, [r.video_id for r in rows], self.tracker, self.config)
+
+
+def open_tracks_store(
+    out: str | Path, manifest: Manifest, config: TracksConfig, tracker: Tracker
+) -> RowStore:
+    """Create the store for (manifest, config, tracker), or open it if it was made for them."""
+    provenance = {
+        "manifest_sha256": manifest.sha256,
+        "config": asdict(config),
+        "tracker": tracker.identity.to_dict(),
+    }
+    fields = tracks_fields(config.frames, config.points, config.subset)
+    return RowStore.create_or_open(
+        out, TRACKS, fields, len(manifest.rows), config.shard_size, provenance
+    )
+
+
+def extract_tracks(
+    manifest: Manifest,
+    out: str | Path,
+    config: TracksConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+    batch_videos: int = 1,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Run this process's share of the tracks stage; finished units are skipped.
+
+    `executor="dask"` sends each unit to the Dask cluster at `scheduler` instead.
+    """
+    index, count = resolve_share(shard_index, num_shards)
+    tracker = create_tracker(config.tracker, checkpoint=checkpoint, device=device)
+    store = open_tracks_store(out, manifest, config, tracker)
+    units = my_units(len(store.shards()), index, count)
+    if executor == "dask":
+        task = partial(_tracks_unit, manifest, str(out), config, checkpoint, device, batch_videos)
+        return run_on_dask(task, units, scheduler, progress, desc="tracks units")
+    if executor != "local":
+        raise ValueError(f"unknown executor {executor!r}; use local or dask")
+    stage = TracksStage(config, tracker, batch_videos)
+    return run_stage(stage, store, manifest, units, workers, progress, desc="tracks")
+
+
+@lru_cache(maxsize=2)
+def _cached_tracker(name: str, checkpoint: str | Path | None, device: str) -> Tracker:
+    return create_tracker(name, checkpoint=checkpoint, device=device)
+
+
+def _tracks_unit(
+    manifest: Manifest,
+    out: str,
+    config: TracksConfig,
+    checkpoint: str | Path | None,
+    device: str,
+    batch_videos: int,
+    unit: int,
+) -> RunSummary:
+    """One unit on a cluster worker: the tracker is built once per worker process."""
+    stage = TracksStage(config, _cached_tracker(config.tracker, checkpoint, device), batch_videos)
+    store = RowStore.open(out, TRACKS)
+    return run_stage(stage, store, manifest, [unit], workers=0, progress=False)

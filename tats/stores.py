@@ -1,0 +1,274 @@
+"""The two Zarr v3 stores that stage one writes and training reads.
+
+Every array's first axis is the row of the dataset manifest, a chunk holds one video, and a
+shard holds `shard_size` videos. Writers write whole shards only: Zarr rewrites a shard file
+on every write into it, and writes it atomically (temporary file, then rename), so a shard on
+disk is always either its old or its new self.
+
+A store is created once for a (manifest, stage config) pair, with fixed shapes, and the pair
+is recorded in its attributes; opening it for writing with anything else is an error that
+names the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+import tats
+
+SCHEMA_VERSION = 1
+TRACKS = "tats.tracks"
+FEATURES = "tats.features"
+
+
+class StoreError(ValueError):
+    """A store that is missing, of another kind, or made for another manifest or config."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a store: its shape and dtype per row, and its value in unwritten rows."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    fill: Any = 0
+
+
+def tracks_fields(frames: int, points: int, subset: int) -> dict[str, Field]:
+    """tracks.zarr: `frames` stored frames, room for `points` kept points, a `subset` of them."""
+    return {
+        # (x, y) in pixels of the decoded frame, at the stored frames.
+        "positions": Field((frames, points, 2), "float32"),
+        "visible": Field((frames, points), "bool", False),
+        # True for the points the redundancy filter kept; they come first, padding after.
+        "valid": Field((points,), "bool", False),
+        "query_frame": Field((points,), "int32", -1),
+        # Indices into the point axis, in draw order; -1 pads clips with fewer points.
+        "subset": Field((subset,), "int32", -1),
+        "frames": Field((frames,), "int32", -1),
+        # Frames on the track time base; 0 marks a row that holds no data.
+        "num_frames": Field((), "int32", 0),
+        "frame_size": Field((2,), "int32", 0),
+    }
+
+
+def features_fields(views: int, frames: int, grid: int, dim: int) -> dict[str, Field]:
+    """features.zarr: patch grids of `views` views of the stored frames."""
+    return {
+        "features": Field((views, frames, grid, grid, dim), "float16"),
+        "frames": Field((frames,), "int32", -1),
+        "num_frames": Field((), "int32", 0),
+        "view_seed": Field((views,), "int64", -1),
+    }
+
+
+class RowStore:
+    """A Zarr group of arrays with one row per manifest video, written a shard at a time."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.attrs: dict = dict(group.attrs)
+        self.schema: str = self.attrs["schema"]
+        self.num_rows: int = self.attrs["num_rows"]
+        self.shard_size: int = self.attrs["shard_size"]
+        self.fields: dict[str, Field] = {
+            name: Field(tuple(spec["shape"]), spec["dtype"], spec["fill"])
+            for name, spec in self.attrs["fields"].items()
+        }
+        self._arrays = {name: group[name] for name in self.fields}
+
+    @classmethod
+    def open(cls, path: str | Path, schema: str | None = None) -> RowStore:
+        """Open an existing store for reading (and for writing rows of the same config)."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a tats store (no zarr.json)")
+        group = zarr.open_group(str(path), mode="r+")
+        found = group.attrs.get("schema")
+        if found not in (TRACKS, FEATURES):
+            raise StoreError(f"{path}: not a tats store (schema {found!r})")
+        if schema is not None and found != schema:
+            raise StoreError(f"{path}: holds {found}, not {schema}")
+        if group.attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {group.attrs.get('schema_version')}, "
+                f"this tats reads version {SCHEMA_VERSION}"
+            )
+        return cls(path, group)
+
+    @classmethod
+    def create_or_open(
+        cls,
+        path: str | Path,
+        schema: str,
+        fields: dict[str, Field],
+        num_rows: int,
+        shard_size: int,
+        provenance: dict,
+    ) -> RowStore:
+        """Open the store at `path` if it was made for `provenance`, else create it.
+
+        `provenance` (manifest digest, stage config, tracker or backbone identity) must equal
+        the one recorded in an existing store. Creation is race-free: the store is built in a
+        temporary folder and renamed into place, and a process that loses the race opens the
+        winner's store and checks it like any other existing one.
+        """
+        path = Path(path)
+        if not path.exists():
+            cls._create(path, schema, fields, num_rows, shard_size, provenance)
+        store = cls.open(path, schema)
+        problems = _differences(store.attrs["provenance"], _jsonable(provenance))
+        if problems:
+            raise StoreError(
+                f"{path} was made for another input; "
+                + "; ".join(problems)
+                + ". Use a new --out, or delete the store to start over."
+            )
+        return store
+
+    @staticmethod
+    def _create(path, schema, fields, num_rows, shard_size, provenance) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
+        group = zarr.open_group(str(tmp), mode="w-")
+        for name, field in fields.items():
+            group.create_array(
+                name,
+                shape=(num_rows, *field.shape),
+                chunks=(1, *field.shape),
+                shards=(shard_size, *field.shape),
+                dtype=field.dtype,
+                fill_value=field.fill,
+                compressors=ZstdCodec(level=3),
+            )
+        group.attrs.update(
+            {
+                "schema": schema,
+                "schema_version": SCHEMA_VERSION,
+                "num_rows": num_rows,
+                "shard_size": shard_size,
+                "fields": {
+                    name: {"shape": list(f.shape), "dtype": f.dtype, "fill": f.fill}
+                    for name, f in fields.items()
+                },
+                "provenance": _jsonable(provenance),
+                "created_by": f"tats {tats.__version__}",
+            }
+        )
+        (tmp / "ledger").mkdir()
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # Another process created the store first: use theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not path.exists():
+                raise
+
+    @property
+    def provenance(self) -> dict:
+        return self.attrs["provenance"]
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.path / "ledger"
+
+    def shards(self) -> list[range]:
+        """Row ranges of the shards, in order: the work units of stage one."""
+        return [
+            range(start, min(start + self.shard_size, self.num_rows))
+            for start in range(0, self.num_rows, self.shard_size)
+        ]
+
+    def read_row(self, row: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """One video's arrays. Reads chunk by chunk: fancy-indexing many rows is very slow."""
+        return {name: self._arrays[name][row] for name in names or self.fields}
+
+    def read_rows(self, rows: range) -> dict[str, np.ndarray]:
+        """A contiguous slice of rows (a shard), for rewriting it."""
+        return {name: arr[rows.start : rows.stop] for name, arr in self._arrays.items()}
+
+    def empty_rows(self, count: int) -> dict[str, np.ndarray]:
+        """Buffers for `count` rows, filled with every field's fill value."""
+        return {
+            name: np.full((count, *f.shape), f.fill, dtype=f.dtype)
+            for name, f in self.fields.items()
+        }
+
+    def write_rows(self, rows: range, data: dict[str, np.ndarray]) -> None:
+        """Write whole shards: `rows` must start on a shard boundary and cover whole shards."""
+        if rows.start % self.shard_size or (
+            rows.stop != self.num_rows and rows.stop % self.shard_size
+        ):
+            raise ValueError(f"rows {rows.start}..{rows.stop} do not cover whole shards")
+        for name, arr in self._arrays.items():
+            arr[rows.start : rows.stop] = data[name]
+
+
+def row_digest(data: dict[str, np.ndarray], index: int | None = None) -> str:
+    """A digest of one row's arrays (row `index` of shard buffers, or a single row's arrays)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(data):
+        value = data[name] if index is None else data[name][index]
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
+
+
+def row_problem(schema: str, data: dict[str, np.ndarray]) -> str | None:
+    """Why a written row cannot be right (None when it looks sound)."""
+    if int(data["num_frames"]) <= 0:
+        return "no frames recorded"
+    frames = data["frames"]
+    if (frames < 0).any() or (frames >= data["num_frames"]).any():
+        return "stored frame index outside the clip"
+    if schema == FEATURES:
+        if not np.isfinite(data["features"]).all():
+            return "non-finite features"
+        return None
+    valid, visible, positions = data["valid"], data["visible"], data["positions"]
+    n = int(valid.sum())
+    if not valid[:n].all():
+        return "kept points are not packed at the front"
+    if not np.isfinite(positions[:, valid]).all():
+        return "non-finite track positions"
+    height, width = data["frame_size"]
+    if height <= 0 or width <= 0:
+        return "no frame size recorded"
+    x, y = positions[..., 0], positions[..., 1]
+    outside = (x < 0) | (x > width - 1) | (y < 0) | (y > height - 1)
+    if (visible & outside).any():
+        return "a visible point lies outside the frame"
+    if (visible & ~valid[None]).any():
+        return "a padding point is marked visible"
+    subset = data["subset"]
+    drawn = subset[subset >= 0]
+    if (drawn >= n).any() or len(np.unique(drawn)) != len(drawn):
+        return "subset indices out of range or repeated"
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    problems = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            problems += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            problems.append(f"{prefix}{key}: store has {a!r}, this run has {b!r}")
+    return problems

@@ -1,0 +1,169 @@
+"""Manifests: reading, validation (through `tats manifest check`), writing."""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tats.cli import app
+from tats.manifest import ManifestError, VideoRow, read_manifest, write_manifest
+
+GOOD = """video_id,path,label,split,source
+a1,videos/a1.mp4,jump,train,yt
+a2,videos/a2.mp4,jump,train,yt
+b1,videos/b1.mp4,run,val,
+c1,/abs/c1.webm,swim,test,yt
+c2,videos/c2.mp4,dive,test,
+"""
+
+
+def tats(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def write(folder: Path, text: str, name: str = "m.csv") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_read_resolves_paths_keeps_extras_and_hashes_bytes(tmp_path):
+    path = write(tmp_path, GOOD)
+    manifest = read_manifest(path)
+    assert manifest.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [r.row for r in manifest.rows] == [0, 1, 2, 3, 4]
+    assert manifest.rows[0] == VideoRow(
+        0, "a1", tmp_path / "videos" / "a1.mp4", "jump", "train", {"source": "yt"}
+    )
+    assert manifest.rows[3].path == Path("/abs/c1.webm")
+    assert manifest.classes() == ["dive", "jump", "run", "swim"]
+    assert manifest.classes("test") == ["dive", "swim"]
+    assert [r.video_id for r in manifest.split_rows("test")] == ["c1", "c2"]
+    other = read_manifest(path, video_root=tmp_path / "elsewhere")
+    assert other.rows[0].path == tmp_path / "elsewhere" / "videos" / "a1.mp4"
+    assert other.rows[3].path == Path("/abs/c1.webm")
+
+
+def test_check_prints_classes_and_videos_per_split(tmp_path):
+    result = tats("manifest", "check", write(tmp_path, GOOD))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "5 videos, 4 classes" in lines[0]
+    assert lines[1].split() == ["train", "1", "classes", "2", "videos"]
+    assert lines[2].split() == ["val", "1", "classes", "1", "videos"]
+    assert lines[3].split() == ["test", "2", "classes", "2", "videos"]
+
+
+BAD = {
+    "missing column": (
+        "video_id,path,split\na1,a.mp4,train\n",
+        ":1: missing column 'label'",
+    ),
+    "empty field": (
+        GOOD.replace("b1,videos/b1.mp4,run,val,", "b1,videos/b1.mp4,,val,"),
+        ":4: empty label",
+    ),
+    "duplicate video_id": (
+        GOOD.replace("c2,videos/c2.mp4", "a2,videos/c2.mp4"),
+        ":6: duplicate video_id 'a2' (first at ",
+    ),
+    "unknown split": (
+        GOOD.replace("run,val", "run,validation"),
+        ":4: unknown split 'validation'",
+    ),
+    "class in two splits": (
+        GOOD.replace("c2,videos/c2.mp4,dive,test", "c2,videos/c2.mp4,jump,test"),
+        ":6: class 'jump' is in split 'test' but also in 'train'",
+    ),
+    "wrong field count": (
+        GOOD.replace("b1,videos/b1.mp4,run,val,", "b1,videos/b1.mp4,run,val"),
+        ":4: 4 fields, the header has 5",
+    ),
+    "no rows": ("video_id,path,label,split\n", ":2: no videos listed"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD))
+def test_bad_manifest_exits_2_naming_the_line(tmp_path, problem):
+    text, message = BAD[problem]
+    path = write(tmp_path, text)
+    result = tats("manifest", "check", path)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {path}:")
+    assert message in result.stderr
+    assert result.stdout == ""
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(")):
+        read_manifest(path)
+
+
+def test_missing_video_file_fails_only_with_check_files(tmp_path):
+    path = write(tmp_path, GOOD)
+    assert tats("manifest", "check", path).exit_code == 0
+    result = tats("manifest", "check", path, "--check-files")
+    assert result.exit_code == 2
+    absent = tmp_path / "videos" / "a1.mp4"
+    assert result.stderr == f"error: {path}:2: video file not found: {absent}\n"
+    for name in ("a1.mp4", "a2.mp4", "b1.mp4", "c2.mp4"):
+        (tmp_path / "videos").mkdir(exist_ok=True)
+        (tmp_path / "videos" / name).write_bytes(b"x")
+    result = tats("manifest", "check", path, "--check-files")
+    assert (
+        result.exit_code == 2 and f"{path}:5: video file not found: /abs/c1.webm" in result.stderr
+    )
+    root = tmp_path / "root"
+    shutil.copytree(tmp_path / "videos", root / "videos")
+    assert tats("manifest", "check", path, "--video-root", root).exit_code == 0
+
+
+def test_unreadable_manifest_is_one_line(tmp_path):
+    result = tats("manifest", "check", tmp_path / "absent.csv")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert str(tmp_path / "absent.csv") in result.stderr
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"video_id,path,label,split\n\xff\xfe,x,y,train\n")
+    result = tats("manifest", "check", binary)
+    assert result.exit_code == 2 and "not UTF-8" in result.stderr
+
+
+def test_write_then_move_the_dataset_folder(tmp_path):
+    dataset = tmp_path / "dataset"
+    rows = [
+        VideoRow(0, "v0", dataset / "clips" / "v0.mp4", "wave", "train", {"fps": "30"}),
+        VideoRow(1, "v1", dataset / "clips" / "v1.mp4", "clap", "test"),
+        VideoRow(2, "v2", Path("/data/v2.mp4"), "clap", "test", {"note": 'a, "quoted"'}),
+    ]
+    write_manifest(rows, dataset / "manifest.csv")
+    text = (dataset / "manifest.csv").read_text()
+    assert text.splitlines()[:2] == [
+        "video_id,path,label,split,fps,note",
+        "v0,clips/v0.mp4,wave,train,30,",
+    ]
+    moved = tmp_path / "moved"
+    shutil.move(dataset, moved)
+    manifest = read_manifest(moved / "manifest.csv")
+    assert [r.path for r in manifest.rows] == [
+        moved / "clips" / "v0.mp4",
+        moved / "clips" / "v1.mp4",
+        Path("/data/v2.mp4"),
+    ]
+    assert manifest.rows[2].extra == {"fps": "", "note": 'a, "quoted"'}
+    assert [(r.video_id, r.label, r.split) for r in manifest.rows] == [
+        (r.video_id, r.label, r.split) for r in rows
+    ]
+
+
+def test_write_refuses_what_read_would_refuse(tmp_path):
+    out = tmp_path / "m.csv"
+    twice = [VideoRow(i, "same", tmp_path / f"{i}.mp4", "a", "train") for i in range(2)]
+    with pytest.raises(ManifestError, match=r"m.csv:3: duplicate video_id 'same'"):
+        write_manifest(twice, out)
+    overlap = [
+        VideoRow(0, "x", tmp_path / "x.mp4", "a", "train"),
+        VideoRow(1, "y", tmp_path / "y.mp4", "a", "val"),
+    ]
+    with pytest.raises(ManifestError, match="class 'a' is in split 'val'"):
+        write_manifest(overlap, out)
+    assert not out.exists()

@@ -1,0 +1,111 @@
+"""Query strategies, the redundancy filter and the subset, on constructed cases (REFERENCE.md 1)."""
+
+import numpy as np
+import pytest
+
+from tats.pipeline import queries as Q
+from tats.pipeline.tracks import TracksConfig, tracks_row
+
+
+def test_query_frames_of_each_strategy():
+    T = 48
+    assert Q.QueryStrategy.parse("uniform:8").query_frames(T).tolist() == [0, 6, 13, 20, 26, 33, 40]
+    assert Q.QueryStrategy.parse("beginning").query_frames(T).tolist() == [0]
+    assert Q.QueryStrategy.parse("middle").query_frames(T).tolist() == [0, 24]
+    assert Q.QueryStrategy.parse("interval:10").query_frames(T).tolist() == [0, 10, 20, 30, 40]
+
+
+def test_short_clip_tracks_each_query_frame_once():
+    # linspace(0, 3, 8).astype(int)[:-1] repeats frames 0, 1 and 2.
+    assert Q.QueryStrategy.parse("uniform:8").query_frames(4).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("bad", ["uniform", "uniform:1", "interval:0", "random", "middle:3"])
+def test_bad_strategy_is_refused(bad):
+    with pytest.raises(ValueError, match="strategy"):
+        Q.QueryStrategy.parse(bad)
+
+
+def test_grid_is_cotrackers_grid_mapped_to_the_frame():
+    at_model = Q.grid_points(16, 384, 512)
+    assert at_model.shape == (256, 2)
+    np.testing.assert_allclose(at_model[0], [8, 8])  # margin W/64
+    np.testing.assert_allclose(at_model[15], [504, 8])  # row-major: x runs first
+    np.testing.assert_allclose(at_model[-1], [504, 376])
+    small = Q.grid_points(16, 128, 160)
+    np.testing.assert_allclose(small, at_model * [159 / 511, 127 / 383], rtol=1e-6)
+
+
+def test_queries_are_grouped_by_query_frame():
+    queries = Q.make_queries(Q.QueryStrategy.parse("uniform:8"), 4, 48, 64, 64)
+    assert queries.shape == (7 * 16, 3)
+    assert queries[:16, 0].tolist() == [0] * 16 and queries[-16:, 0].tolist() == [40] * 16
+
+
+def _tracks(*paths):
+    """Tracks (T, N, 2) from per-point (x, y) functions of t."""
+    T = 10
+    return np.array([[p(t) for p in paths] for t in range(T)], np.float32)
+
+
+def test_filter_keeps_first_frame_and_drops_close_later_points():
+    def still(x):
+        return lambda t: (x, 50.0)
+
+    tracks = _tracks(still(10), still(100), still(13), still(60), still(116), still(84))
+    query = np.array([0, 0, 5, 5, 5, 5])
+    visible = np.ones(tracks.shape[:2], bool)
+    keep = Q.filter_redundant(tracks, visible, query, min_distance=16)
+    # 13 is 3 px from 10; 60 is 40 px away; 116 is exactly 16 px from 100 (not more); 84 too.
+    assert keep.tolist() == [True, True, False, True, False, False]
+
+
+def test_filter_averages_distance_from_the_query_frame_on_ignoring_visibility():
+    # The new point starts on top of kept point 0 but drifts away: mean over frames 5..9 of
+    # |x - 10| with x = 10 + 10 * (t - 5) is 20 > 16 (frames before 5 are not counted).
+    tracks = _tracks(lambda t: (10.0, 0.0), lambda t: (10.0 + 10 * max(t - 5, 0), 0.0))
+    query = np.array([0, 5])
+    visible = np.ones((10, 2), bool)
+    visible[6:, 0] = False  # invisible after the query frame: still compared
+    assert Q.filter_redundant(tracks, visible, query).tolist() == [True, True]
+    slower = _tracks(lambda t: (10.0, 0.0), lambda t: (10.0 + 6 * max(t - 5, 0), 0.0))
+    assert Q.filter_redundant(slower, visible, query).tolist() == [True, False]
+
+
+def test_filter_ignores_kept_points_hidden_at_the_query_frame():
+    tracks = _tracks(lambda t: (10.0, 0.0), lambda t: (11.0, 0.0), lambda t: (10.0, 1.0))
+    query = np.array([0, 5, 7])
+    visible = np.ones((10, 3), bool)
+    visible[5, 0] = False  # no kept point is visible at frame 5: all of its points are kept
+    keep = Q.filter_redundant(tracks, visible, query)
+    # Frame 7's point is 1 px from both kept points, which are visible there: dropped.
+    assert keep.tolist() == [True, True, False]
+
+
+def test_subset_is_seeded_by_video_id():
+    a = Q.choose_subset(1000, 256, "video_a")
+    assert np.array_equal(a, Q.choose_subset(1000, 256, "video_a"))
+    assert not np.array_equal(a, Q.choose_subset(1000, 256, "video_b"))
+    assert len(np.unique(a)) == 256 and a.min() >= 0 and a.max() < 1000
+    short = Q.choose_subset(100, 256, "video_a")
+    assert sorted(short[:100].tolist()) == list(range(100)) and (short[100:] == -1).all()
+
+
+def test_row_hides_points_before_their_query_frame_and_keeps_the_stored_frames():
+    T, H, W = 20, 64, 64
+    config = TracksConfig(grid=2, queries="uniform:3", frames=4, subset=8)
+    query = np.array([0, 0, 0, 0, 9, 9, 9, 9], np.int32)  # uniform:3 on 20 frames: 0 and 9
+    start = [[5, 5], [5, 20], [20, 5], [20, 20]] * 2
+    tracks = np.repeat(np.array([start], np.float32), T, axis=0)
+    tracks[:, 4:] += 45  # frame 9's points are far away, three of them outside the frame
+    visible = np.ones((T, 8), bool)
+    row = tracks_row(tracks, visible, query, (T, H, W, 3), config, "clip")
+    assert row["frames"].tolist() == [0, 6, 12, 19]
+    n = int(row["valid"].sum())
+    assert n == 8
+    # Stored frame 6 comes before query frame 9: those points are hidden there.
+    assert not row["visible"][1, 4:].any() and row["visible"][1, :4].all()
+    outside = (tracks[0, :, 0] > W - 1) | (tracks[0, :, 1] > H - 1)
+    assert (row["visible"][3] == ~outside).all()
+    assert row["query_frame"][:n].tolist() == query.tolist()
+    np.testing.assert_array_equal(row["positions"][2, :n], tracks[12])
