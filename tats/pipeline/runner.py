@@ -13,7 +13,7 @@ import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -81,55 +81,30 @@ def run_stage(
         todo.append((unit, record, rows))
     all_rows = [manifest.rows[r] for _, _, rows in todo for r in rows]
     bar = tqdm(total=len(all_rows), desc=desc, unit="video", disable=not progress, smoothing=0.1)
-    with _Prefetcher(stage.loader, all_rows, workers) as loaded_stream:
+    # Shards are written by a background thread while the next unit computes; one write at
+    # a time, so at most two units' rows are held in memory.
+    with _Prefetcher(stage.loader, all_rows, workers) as stream, ThreadPoolExecutor(1) as writer:
+        writing: Future | None = None
         for unit, record, rows in todo:
-            result = _run_unit(stage, store, unit, shards[unit], record, rows, loaded_stream, bar)
-            ledger.write(result)
+            buffers, result = _run_unit(stage, store, unit, shards[unit], record, rows, stream, bar)
+            if writing is not None:
+                writing.result()
+            writing = writer.submit(_commit, store, ledger, shards[unit], buffers, result)
             summary.units += 1
             summary.videos_done += len(result.done) - (len(record.done) if record else 0)
             summary.failures += result.failed
+        if writing is not None:
+            writing.result()
     bar.close()
     return summary
 
 
-def _run_unit(
-    stage: Stage,
-    store: RowStore,
-    unit: int,
-    shard: range,
-    record: UnitRecord | None,
-    rows: list[int],
-    loaded_stream: Iterator[Loaded],
-    bar: tqdm,
-) -> UnitRecord:
-    started = time.perf_counter()
-    seconds = {"decode": 0.0, "compute": 0.0, "write": 0.0}
-    # A retry keeps the rows done before: read the shard back and rewrite it whole.
-    buffers = store.empty_rows(len(shard)) if record is None else store.read_rows(shard)
-    done = dict(record.done) if record else {}
-    failed: list[Failure] = []
-    for start in range(0, len(rows), stage.batch_size):
-        batch = [next(loaded_stream) for _ in rows[start : start + stage.batch_size]]
-        seconds["decode"] += sum(item.seconds for item in batch)
-        good = [item for item in batch if item.error is None]
-        failed += [Failure(i.row.row, i.row.video_id, i.error) for i in batch if i.error]
-        tic = time.perf_counter()
-        for item, result in zip(good, _compute(stage, good), strict=True):
-            if isinstance(result, str):
-                failed.append(Failure(item.row.row, item.row.video_id, result))
-                continue
-            for name, value in result.items():
-                buffers[name][item.row.row - shard.start] = value
-            done[item.row.row] = row_digest(buffers, item.row.row - shard.start)
-        seconds["compute"] += time.perf_counter() - tic
-        bar.update(len(batch))
-        if failed:
-            bar.set_postfix(failed=len(failed), refresh=False)
-    tic = time.perf_counter()
-    store.write_rows(shard, buffers)
-    seconds["write"] = time.perf_counter() - tic
+def _commit(
+    store: RowStore, ledger: Ledger, shard: range, buffers: dict, record: UnitRecord
+) -> None:
+    """Write a unit's shard, then its record: a record exists only for a whole shard."""
     seconds["total"] = time.perf_counter() - started
-    return UnitRecord(
+    record = UnitRecord(
         unit=unit,
         rows=(shard.start, shard.stop),
         done=dict(sorted(done.items())),
@@ -137,6 +112,7 @@ def _run_unit(
         seconds={k: round(v, 3) for k, v in seconds.items()},
         attempt=record.attempt + 1 if record else 1,
     )
+    return buffers, record
 
 
 def _compute(stage: Stage, items: list[Loaded]) -> list[dict[str, np.ndarray] | str]:

@@ -363,20 +363,27 @@ class CoTracker3(nn.Module):
 
     def support_features(self, pyramid: list[Tensor], frame: Tensor, xy: Tensor) -> list[Tensor]:
         """Per level (Q, 49, C) features around Q query points (xy in stride-4 units)."""
-        return [neighbourhood(f, frame, xy / 2**lvl) for lvl, f in enumerate(pyramid)]
+        out = []
+        for level, fmap in enumerate(pyramid):
+            patch, frac = window(fmap, frame, xy / 2**level)
+            out.append(bilinear(patch, frac).flatten(1, 2))
+        return out
 
     def correlation(self, pyramid, frame: Tensor, xy: Tensor, support: list[Tensor]) -> Tensor:
         """Correlation embedding (M, 1024) of M tokens.
 
         frame (M,) pyramid row of each token; xy (M, 2) position in stride-4 units; support
         per level (G, 49, C) query features, G dividing M: token i uses support i // (M / G).
+        The 7x7 bilinear samples around a token are linear in the 8x8 integer window that
+        holds them, so the window is correlated first and interpolated after (fewer values).
         """
         m, groups = xy.shape[0], support[0].shape[0]
         volumes = []
         for level, fmap in enumerate(pyramid):
-            nb = neighbourhood(fmap, frame, xy / 2**level)
-            nb = nb.view(groups, -1, nb.shape[-1])
-            volumes.append(torch.bmm(nb, support[level].transpose(1, 2)).view(m, -1))
+            patch, frac = window(fmap, frame, xy / 2**level)  # (M, 8, 8, C)
+            patch = patch.view(groups, -1, patch.shape[-1])
+            corr = torch.bmm(patch, support[level].transpose(1, 2).to(patch.dtype))
+            volumes.append(bilinear(corr.view(m, 8, 8, -1), frac).reshape(m, -1))
         emb = self.corr_mlp(torch.cat(volumes))  # one GEMM for all levels
         return emb.view(CORR_LEVELS, m, -1).transpose(0, 1).reshape(m, -1)
 
@@ -442,25 +449,27 @@ class CoTracker3(nn.Module):
         return xy, vis_conf[..., 0], vis_conf[..., 1]
 
 
-def neighbourhood(fmap: Tensor, frame: Tensor, xy: Tensor) -> Tensor:
-    """Bilinear samples of fmap (F, h, w, C) on a 7x7 integer-offset grid around xy.
+def window(fmap: Tensor, frame: Tensor, xy: Tensor) -> tuple[Tensor, Tensor]:
+    """The 8x8 integer-pixel window holding the 7x7 bilinear samples around each point.
 
-    frame (M,) selects the frame, xy (M, 2) the centre in pixels of this level. Returns
-    (M, 49, C), x-offset major (the official order). Samples outside the map take the value of
-    the nearest border pixel (grid_sample's border padding): clamping the indices of the 8x8
-    integer window that holds all 49 samples gives exactly that.
+    fmap (F, h, w, C); frame (M,) frame of each point; xy (M, 2) centre in pixels of this
+    level. Returns the window (M, 8 x-major, 8, C) and the sub-pixel offset (M, 2). Indices
+    are clamped to the map, which equals grid_sample's border padding.
     """
     _, h, w, c = fmap.shape
     xy = xy.float()
     base = xy.floor()
-    frac = xy - base
     offsets = torch.arange(-CORR_RADIUS, CORR_RADIUS + 2, device=xy.device)
     xs = (base[:, 0:1].long() + offsets).clamp_(0, w - 1)  # (M, 8)
     ys = (base[:, 1:2].long() + offsets).clamp_(0, h - 1)
     rows = (frame[:, None, None] * h + ys[:, None, :]) * w + xs[:, :, None]  # (M, 8x, 8y)
     patch = fmap.reshape(-1, c)[rows.reshape(-1)].view(-1, 8, 8, c)
-    fx = frac[:, 0, None, None, None].to(patch.dtype)
-    fy = frac[:, 1, None, None, None].to(patch.dtype)
-    left = patch[:, :-1] + fx * (patch[:, 1:] - patch[:, :-1])  # interpolate along x
-    out = left[:, :, :-1] + fy * (left[:, :, 1:] - left[:, :, :-1])
-    return out.reshape(-1, _NEIGHBOURS * _NEIGHBOURS, c)
+    return patch, xy - base
+
+
+def bilinear(window: Tensor, frac: Tensor) -> Tensor:
+    """(M, 8, 8, K) window values -> (M, 7, 7, K) at offsets frac (M, 2) = (x, y) in [0, 1)."""
+    fx = frac[:, 0, None, None, None].to(window.dtype)
+    fy = frac[:, 1, None, None, None].to(window.dtype)
+    along_x = torch.lerp(window[:, :-1], window[:, 1:], fx)
+    return torch.lerp(along_x[:, :, :-1], along_x[:, :, 1:], fy)

@@ -1,0 +1,81 @@
+"""Helpers for the end-to-end tests of the extraction stages (real processes, real stores)."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tats.manifest import VideoRow, read_manifest, write_manifest
+from tats.stores import RowStore
+
+EXTRACT = str(Path(sys.executable).parent / "tats-extract")
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    store = RowStore.open(path)
+    return store.read_rows(range(store.num_rows))
+
+
+def assert_same(a: dict, b: dict, rows=None) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = (a[name], b[name]) if rows is None else (a[name][rows], b[name][rows])
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def records(out: Path) -> dict[str, str]:
+    """Ledger records by file name, as text."""
+    return {p.name: p.read_text() for p in sorted((Path(out) / "ledger").glob("unit-*.json"))}
+
+
+def start(stage: str, manifest, out, *options, **kwargs) -> subprocess.Popen:
+    args = [EXTRACT, stage, "--manifest", str(manifest), "--out", str(out), *options]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def finish(run: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = run.communicate(timeout=900)
+    return run.returncode, stdout, stderr
+
+
+def kill_repeatedly(
+    stage: str, manifest, out: Path, options: list[str], seed: int, kills: int = 5
+) -> int:
+    """Start the stage and SIGKILL it at random moments until `kills` kills or it finishes.
+
+    Checks after every kill that no unit recorded as finished was redone; returns the kills.
+    """
+    rng = np.random.default_rng(seed)
+    finished: dict[str, str] = {}
+    done = 0
+    while done < kills:
+        run = start(stage, manifest, out, *options)
+        time.sleep(rng.uniform(1.5, 6.0))
+        if run.poll() is not None:
+            break
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        done += 1
+        now = records(out) if out.exists() else {}
+        for name, text in finished.items():
+            assert now[name] == text, f"{name} was extracted again"
+        finished = now
+    return done
+
+
+def break_two_videos(manifest: Path, tmp_path: Path, corrupt_row: int, missing_row: int) -> Path:
+    """A copy of `manifest` whose `corrupt_row` video is truncated and `missing_row` absent."""
+    rows = list(read_manifest(manifest).rows)
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(rows[0].path.read_bytes()[:3000])  # cut off after the header
+    for row, path in ((corrupt_row, corrupt), (missing_row, tmp_path / "gone.mp4")):
+        r = rows[row]
+        rows[row] = VideoRow(r.row, r.video_id, path, r.label, r.split, {})
+    out = tmp_path / "broken.csv"
+    write_manifest(rows, out)
+    return out

@@ -1,0 +1,239 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tats.episodes import (
+    EpisodeData,
+    EpisodeKeys,
+    EpisodeSpec,
+    EpisodeWarning,
+    ReadOptions,
+)
+from tats.manifest import read_manifest
+from tats.stores import StoreError
+
+SPEC = EpisodeSpec(way=3, shot=2, queries=2)
+
+
+@pytest.fixture(scope="module")
+def data(synth_stores):
+    return EpisodeData.open(synth_stores.tracks, synth_stores.features, synth_stores.manifest)
+
+
+def test_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="way"):
+        EpisodeSpec(1, 1, 1)
+    with pytest.raises(ValueError, match="shot"):
+        EpisodeSpec(5, 0, 1)
+    with pytest.raises(ValueError, match="queries"):
+        EpisodeSpec(5, 1, 0)
+    with pytest.raises(ValueError, match="tracks mode"):
+        ReadOptions(tracks_mode="grid")
+    with pytest.raises(ValueError, match="mask"):
+        ReadOptions(mask="all")
+
+
+def test_store_facts(data):
+    assert (data.num_frames, data.grid, data.feature_dim, data.views, data.points) == (
+        8, (8, 8), 64, 2, 96,
+    )  # fmt: skip
+    assert len(data.usable) == len(data.manifest.rows) == 72
+
+
+def test_episode_layout_and_classes(data):
+    manifest = data.manifest
+    dataset = data.dataset("train", SPEC, ReadOptions(), seed=0)
+    for index in range(20):
+        episode = dataset.episode(0, index)
+        assert len(episode.rows) == 3 * (2 + 2)
+        n = SPEC.num_support
+        np.testing.assert_array_equal(episode.labels[:n], [0, 0, 1, 1, 2, 2])
+        np.testing.assert_array_equal(episode.labels[n:], [0, 0, 1, 1, 2, 2])
+        assert len(set(episode.rows.tolist())) == len(episode.rows)  # no clip twice
+        assert len(set(episode.classes.tolist())) == 3
+        names = dataset.classes.names
+        for row, label, cls in zip(episode.rows, episode.labels, episode.classes, strict=True):
+            video = manifest.rows[row]
+            assert video.split == "train" and video.label == names[cls]
+            assert episode.classes[episode.labels == label].tolist().count(cls) == 4
+    assert names == tuple(manifest.classes("train"))
+
+
+def test_episodes_are_deterministic_and_distinct_by_key_and_rank(data):
+    a = data.dataset("train", SPEC, ReadOptions(random_view=True), seed=0)
+    b = data.dataset("train", SPEC, ReadOptions(random_view=True), seed=0)
+    rank1 = data.dataset("train", SPEC, ReadOptions(random_view=True), seed=0, rank=1)
+    other_seed = data.dataset("train", SPEC, ReadOptions(random_view=True), seed=1)
+    first, again = a[(2, 5)], b[(2, 5)]
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    rows = {k: a.episode(*k).rows.tobytes() for k in [(e, i) for e in range(3) for i in range(10)]}
+    assert len(set(rows.values())) == len(rows)  # every (epoch, index) its own episode
+    assert all(rank1.episode(*k).rows.tobytes() != r for k, r in rows.items())
+    assert all(other_seed.episode(*k).rows.tobytes() != r for k, r in rows.items())
+
+
+def test_clip_inputs_match_the_stores(data, synth_stores):
+    dataset = data.dataset("test", SPEC, ReadOptions(), seed=0)
+    batch = dataset[(0, 3)]
+    features, positions, mask = batch["features"], batch["positions"], batch["mask"]
+    assert features.dtype == torch.float16 and features.shape == (12, 8, 8, 8, 64)
+    assert positions.dtype == torch.float32 and positions.shape == (12, 8, 96, 2)
+    assert mask.dtype == torch.bool and mask.shape == (12, 8, 96)
+    padded = 0
+    for i, row in enumerate(batch["rows"].tolist()):
+        t = data.tracks.read_row(row)
+        assert torch.equal(features[i], torch.from_numpy(data.features.read_row(row)["features"][0]))
+        subset = t["subset"]
+        real = subset >= 0
+        height, width = t["frame_size"]
+        expected = t["positions"][:, subset[real]] / np.array([width, height]) * 2 - 1
+        np.testing.assert_allclose(positions[i, :, real].numpy(), expected, rtol=1e-6)
+        exists = t["frames"][:, None] >= t["query_frame"][subset[real]][None]
+        np.testing.assert_array_equal(mask[i, :, real].numpy(), exists)
+        assert mask[i, -1, real].all()  # every real point exists at the last stored frame
+        # Padding: finite, at 0, masked at every frame.
+        assert (positions[i, :, ~real] == 0).all() and not mask[i, :, ~real].any()
+        padded += int((~real).sum())
+    assert padded > 0  # the fixture has clips with fewer points than the subset
+    assert torch.isfinite(positions).all()
+    visible = mask & (positions.abs() <= 1).all(-1)
+    assert visible.sum() > 0.9 * mask.sum()
+
+
+def test_frozen_tracks_stay_where_they_start(data):
+    moving = data.dataset("train", SPEC, ReadOptions(), seed=0)[(0, 0)]
+    frozen = data.dataset("train", SPEC, ReadOptions(tracks_mode="frozen"), seed=0)[(0, 0)]
+    assert torch.equal(frozen["mask"], moving["mask"])
+    assert torch.equal(frozen["features"], moving["features"])
+    positions, mask = frozen["positions"], frozen["mask"]
+    assert (positions == positions[:, :1]).all()  # constant over the frames
+    first = mask.int().argmax(dim=1)  # [n, P] first frame each point exists at
+    start = torch.gather(moving["positions"], 1, first[:, None, :, None].expand(-1, 1, -1, 2))
+    assert torch.equal(positions[:, 0], start[:, 0])
+    assert (moving["positions"] != moving["positions"][:, :1]).any()  # the tracks did move
+
+
+def test_visible_mask_and_fresh_subsets(data):
+    key = (0, 1)
+    stored = data.dataset("train", SPEC, ReadOptions(), seed=0)
+    fresh = data.dataset("train", SPEC, ReadOptions(fresh_subset=True), seed=0)
+    visible = data.dataset("train", SPEC, ReadOptions(mask="visible"), seed=0)
+    episode = stored.episode(*key)
+    row = int(episode.rows[0])
+    t = data.tracks.read_row(row)
+    subset = t["subset"]
+    real = subset >= 0
+    np.testing.assert_array_equal(
+        visible[key]["mask"][0, :, real].numpy(), t["visible"][:, subset[real]]
+    )
+    a = fresh.read_clip(row, 0, subset_seed=1)[1]
+    b = fresh.read_clip(row, 0, subset_seed=2)[1]
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, fresh.read_clip(row, 0, subset_seed=1)[1])
+    # A fresh subset takes min(P, kept) distinct kept points.
+    kept = int(t["valid"].sum())
+    scale = np.array(t["frame_size"][::-1], np.float32)
+    points = {tuple(np.round(p, 5)) for p in (t["positions"][0, :kept] / scale * 2 - 1)}
+    drawn = [tuple(np.round(p, 5)) for p in a[0, : min(96, kept)]]
+    assert set(drawn) <= points and len(set(drawn)) == min(96, kept)
+    assert fresh[key]["positions"].shape == stored[key]["positions"].shape
+
+
+def test_random_views_in_training_view_zero_in_evaluation(data):
+    train = data.dataset("train", SPEC, ReadOptions(random_view=True), seed=0)
+    views = np.concatenate([train.episode(0, i).views for i in range(10)])
+    assert set(views.tolist()) == {0, 1}
+    test = data.dataset("test", SPEC, ReadOptions(), seed=0)
+    assert not np.concatenate([test.episode(0, i).views for i in range(10)]).any()
+    batch = train[(0, 0)]
+    episode = train.episode(0, 0)
+    for i, (row, view) in enumerate(zip(episode.rows, episode.views, strict=True)):
+        stored = data.features.read_row(int(row))["features"][view]
+        assert torch.equal(batch["features"][i], torch.from_numpy(stored))
+
+
+def test_dataloader_workers_read_the_same_episodes(data):
+    dataset = data.dataset("train", SPEC, ReadOptions(random_view=True), seed=0)
+    keys = EpisodeKeys(range(4), epoch=1)
+    loader = DataLoader(dataset, batch_size=None, sampler=keys, num_workers=2)
+    batches = list(loader)
+    assert [b["key"].tolist() for b in batches] == [[1, i] for i in range(4)]
+    for i, batch in enumerate(batches):
+        direct = dataset[(1, i)]
+        for name in direct:
+            assert torch.equal(batch[name], direct[name]), name
+    keys.set_epoch(2)
+    assert [k for k in keys] == [(2, i) for i in range(4)]
+    shares = [list(EpisodeKeys(range(r, 10, 3))) for r in range(3)]
+    assert sorted(i for share in shares for _, i in share) == list(range(10))
+
+
+def test_refuses_stores_of_another_manifest(synth_stores, tmp_path):
+    other = tmp_path / "manifest.csv"
+    text = synth_stores.manifest.read_text()
+    assert "translate_right_000," in text
+    other.write_text(text.replace("translate_right_000,", "renamed_000,"))
+    with pytest.raises(StoreError, match="made for another manifest"):
+        EpisodeData.open(synth_stores.tracks, synth_stores.features, other)
+    with pytest.raises(StoreError, match="holds tats.tracks, not tats.features"):
+        EpisodeData.open(synth_stores.tracks, synth_stores.tracks, synth_stores.manifest)
+
+
+def test_refuses_stores_whose_rows_disagree(synth_stores, tmp_path):
+    features = tmp_path / "features.zarr"
+    shutil.copytree(synth_stores.features, features)
+    import zarr
+
+    group = zarr.open_group(str(features), mode="r+")
+    frames = group["frames"][16:32]
+    frames[5] = frames[5][::-1]
+    group["frames"][16:32] = frames  # a whole shard
+    video = read_manifest(synth_stores.manifest).rows[21].video_id
+    with pytest.raises(StoreError, match=f"row 21 \\({video}\\): frames differ"):
+        EpisodeData.open(synth_stores.tracks, features, synth_stores.manifest)
+
+
+def fail_rows(store, rows):
+    """Turn `rows` from done into failed in a store's ledger, as a failed video leaves them."""
+    for path in (store / "ledger").glob("unit-*.json"):
+        record = json.loads(path.read_text())
+        for row in rows:
+            if str(row) in record["done"]:
+                del record["done"][str(row)]
+                record["failed"].append({"row": row, "video_id": "x", "error": "test"})
+        path.write_text(json.dumps(record))
+
+
+def test_failed_videos_are_left_out(synth_stores, tmp_path):
+    manifest = read_manifest(synth_stores.manifest)
+    tracks = tmp_path / "tracks.zarr"
+    shutil.copytree(synth_stores.tracks, tracks)
+    train_rows = [r.row for r in manifest.split_rows("train")]
+    failed = train_rows[:1]  # one video of the first train class
+    fail_rows(tracks, failed)
+    with pytest.warns(EpisodeWarning, match="1 videos are done in only one"):
+        data = EpisodeData.open(tracks, synth_stores.features, synth_stores.manifest)
+    assert failed[0] not in data.usable
+    dataset = data.dataset("train", EpisodeSpec(6, 1, 4), ReadOptions(), seed=0)
+    seen = np.concatenate([dataset.episode(0, i).rows for i in range(30)])
+    assert failed[0] not in seen
+    # That class now has 5 usable videos: 1 + 5 per class leaves it out, 6-way is then impossible.
+    with pytest.warns(EpisodeWarning, match=f"{manifest.rows[failed[0]].label} \\(5\\)"):
+        with pytest.raises(StoreError, match="5 classes with at least 6 usable videos; 6-way"):
+            data.classes("train", per_class=6, way=6)
+    with pytest.warns(EpisodeWarning, match="left out"):
+        classes = data.classes("train", per_class=6, way=5)
+    assert len(classes.drawable) == 5
+
+
+def test_no_common_done_rows_is_an_error(synth_stores, tmp_path):
+    tracks = tmp_path / "tracks.zarr"
+    shutil.copytree(synth_stores.tracks, tracks)
+    fail_rows(tracks, range(72))
+    with pytest.raises(StoreError, match="no video is done in both"), pytest.warns(EpisodeWarning):
+        EpisodeData.open(tracks, synth_stores.features, synth_stores.manifest)
