@@ -103,8 +103,48 @@ def _commit(
     store: RowStore, ledger: Ledger, shard: range, buffers: dict, record: UnitRecord
 ) -> None:
     """Write a unit's shard, then its record: a record exists only for a whole shard."""
+    tic = time.perf_counter()
+    store.write_rows(shard, buffers)
+    record.seconds["write"] = round(time.perf_counter() - tic, 3)
+    ledger.write(record)
+
+
+def _run_unit(
+    stage: Stage,
+    store: RowStore,
+    unit: int,
+    shard: range,
+    record: UnitRecord | None,
+    rows: list[int],
+    loaded_stream: Iterator[Loaded],
+    bar: tqdm,
+) -> tuple[dict[str, np.ndarray], UnitRecord]:
+    """Load and compute a unit's rows into shard buffers; returns them and the unit's record."""
+    started = time.perf_counter()
+    seconds = {"decode": 0.0, "compute": 0.0}
+    # A retry keeps the rows done before: read the shard back and rewrite it whole.
+    buffers = store.empty_rows(len(shard)) if record is None else store.read_rows(shard)
+    done = dict(record.done) if record else {}
+    failed: list[Failure] = []
+    for start in range(0, len(rows), stage.batch_size):
+        batch = [next(loaded_stream) for _ in rows[start : start + stage.batch_size]]
+        seconds["decode"] += sum(item.seconds for item in batch)
+        good = [item for item in batch if item.error is None]
+        failed += [Failure(i.row.row, i.row.video_id, i.error) for i in batch if i.error]
+        tic = time.perf_counter()
+        for item, result in zip(good, _compute(stage, good), strict=True):
+            if isinstance(result, str):
+                failed.append(Failure(item.row.row, item.row.video_id, result))
+                continue
+            for name, value in result.items():
+                buffers[name][item.row.row - shard.start] = value
+            done[item.row.row] = row_digest(buffers, item.row.row - shard.start)
+        seconds["compute"] += time.perf_counter() - tic
+        bar.update(len(batch))
+        if failed:
+            bar.set_postfix(failed=len(failed), refresh=False)
     seconds["total"] = time.perf_counter() - started
-    record = UnitRecord(
+    result = UnitRecord(
         unit=unit,
         rows=(shard.start, shard.stop),
         done=dict(sorted(done.items())),
@@ -112,7 +152,7 @@ def _commit(
         seconds={k: round(v, 3) for k, v in seconds.items()},
         attempt=record.attempt + 1 if record else 1,
     )
-    return buffers, record
+    return buffers, result
 
 
 def _compute(stage: Stage, items: list[Loaded]) -> list[dict[str, np.ndarray] | str]:

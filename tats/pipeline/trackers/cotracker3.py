@@ -180,6 +180,7 @@ class CoTracker3Tracker:
         iters: int = ITERS,
         max_batch_tokens: int = 1 << 20,
         fnet_frames: int = 16,
+        chunk_tokens: int | None = None,
     ):
         if passes not in PASSES:
             raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
@@ -198,6 +199,9 @@ class CoTracker3Tracker:
         self.iters = iters
         self.max_batch_tokens = max_batch_tokens
         self.fnet_frames = fnet_frames
+        # work is chunked to bound temporaries: small chunks stay in the CPU allocator's heap
+        # (large fresh allocations cost page faults), large ones keep a GPU busy
+        self.chunk_tokens = chunk_tokens or (1 << 16 if self.device.type == "cuda" else 2048)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
@@ -382,10 +386,12 @@ class CoTracker3Tracker:
             token_valid = token_valid & frame_valid[:, None, :]
         if self.from_query_frame:
             token_valid = token_valid & (torch.arange(t, device=dev) >= qt[..., None])
-        layout = TokenLayout.make(token_valid, frame_valid, (b, n, t))
+        layout = TokenLayout.make(token_valid, frame_valid, (b, n, t), dev)
         with self._autocast():
-            coords, vis, conf = net.refine(pyramid, frame_rows, support, coords, vis, conf,
-                                           layout, time_emb.to(dev), iters=self.iters)
+            coords, vis, conf = net.refine(
+                pyramid, frame_rows, support, coords, vis, conf, layout, time_emb.to(dev),
+                iters=self.iters, rows=self.chunk_tokens, corr_rows=self.chunk_tokens // 4,
+            )
         return coords * STRIDE, vis, conf
 
     def _pyramids(self, net, clips: list[np.ndarray]):

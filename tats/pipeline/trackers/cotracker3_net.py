@@ -156,28 +156,37 @@ class CrossAttnBlock(nn.Module):
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Which (track, frame) tokens of a (B, N, T) batch exist.
+    """Which (track, frame) tokens of a (B, N, T) batch exist, and how to visit them in chunks.
 
-    `index` holds the flat positions (row-major over B, N, T) of the existing tokens, or is
-    None when all exist. `frame_valid` (B, T) marks real frames (False only for padding).
+    Existing tokens are stored packed, row-major over (B, N, T): the tokens of one track are
+    consecutive rows. Without `token_valid` all B*N*T tokens exist. `frame_valid` (B, T)
+    marks real frames (False only for padding of shorter clips).
     """
 
     batch: int
     points: int
     frames: int
+    device: torch.device
     token_valid: Tensor | None = None
     frame_valid: Tensor | None = None
-    index: Tensor | None = None
+    index: Tensor | None = None  # (M,) flat position of each existing token
+    row_of: Tensor | None = None  # (B*N*T,) packed row of each position, -1 where none
+    track_rows: tuple[int, ...] | None = None  # first packed row of each track, and M
 
     @staticmethod
-    def make(token_valid: Tensor | None, frame_valid: Tensor | None, shape) -> TokenLayout:
+    def make(token_valid: Tensor | None, frame_valid: Tensor | None, shape, device) -> TokenLayout:
         b, n, t = shape
-        if token_valid is not None and bool(token_valid.all()):
-            token_valid = None
         if frame_valid is not None and bool(frame_valid.all()):
             frame_valid = None
-        index = None if token_valid is None else token_valid.reshape(-1).nonzero().squeeze(1)
-        return TokenLayout(b, n, t, token_valid, frame_valid, index)
+        if token_valid is None or bool(token_valid.all()):
+            return TokenLayout(b, n, t, torch.device(device), None, frame_valid)
+        flat = token_valid.reshape(-1)
+        index = flat.nonzero().squeeze(1)
+        row_of = torch.full_like(flat, -1, dtype=torch.long)
+        row_of[index] = torch.arange(len(index), device=index.device)
+        counts = token_valid.sum(-1).reshape(-1).cumsum(0).tolist()
+        return TokenLayout(b, n, t, torch.device(device), token_valid, frame_valid, index, row_of,
+                           (0, *counts))
 
     @property
     def count(self) -> int:
@@ -198,24 +207,74 @@ class TokenLayout:
         return x if self.index is None else x[self.index]
 
     def token_coords(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(batch, point, frame) index of each existing token."""
+        """(clip, point, frame) index of each existing token."""
         b, n, t = self.batch, self.points, self.frames
-        if self.index is None:
-            flat = torch.arange(b * n * t, device=self._device())
-        else:
-            flat = self.index
+        flat = torch.arange(b * n * t, device=self.device) if self.index is None else self.index
         return flat // (n * t), (flat // t) % n, flat % t
 
-    def _device(self) -> torch.device:
-        for x in (self.token_valid, self.frame_valid):
-            if x is not None:
-                return x.device
-        return torch.device("cpu")
+    def track_chunks(self, rows: int):
+        """Yield (clip, first point, end point, packed rows) for whole tracks of one clip."""
+        b, n, t = self.batch, self.points, self.frames
+        per = max(1, rows // t)
+        for clip in range(b):
+            for n0 in range(0, n, per):
+                n1 = min(n0 + per, n)
+                k0, k1 = clip * n + n0, clip * n + n1
+                if self.track_rows is None:
+                    yield clip, n0, n1, slice(k0 * t, k1 * t)
+                else:
+                    yield clip, n0, n1, slice(self.track_rows[k0], self.track_rows[k1])
+
+    def chunk_mask(self, clip: int, n0: int, n1: int) -> Tensor | None:
+        return None if self.token_valid is None else self.token_valid[clip, n0:n1]
+
+    def chunk_pad(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Rows of a track chunk -> (tracks, T, C), zeros where a token does not exist."""
+        if mask is None:
+            return x.view(-1, self.frames, x.shape[-1])
+        out = x.new_zeros(mask.numel(), x.shape[-1])
+        out[mask.reshape(-1)] = x
+        return out.view(*mask.shape, x.shape[-1])
+
+    @staticmethod
+    def chunk_pack(y: Tensor, mask: Tensor | None) -> Tensor:
+        """(tracks, T, C) -> rows of the existing tokens."""
+        y = y.reshape(-1, y.shape[-1])
+        return y if mask is None else y[mask.reshape(-1)]
+
+    def frame_chunks(self, rows: int):
+        """Yield (clip, first frame, end frame, packed rows in (frame, point) order, mask).
+
+        mask (frames, N) marks which (frame, point) tokens exist (None: all of them).
+        """
+        b, n, t = self.batch, self.points, self.frames
+        per = max(1, rows // n)
+        points = torch.arange(n, device=self.device)
+        for clip in range(b):
+            for t0 in range(0, t, per):
+                t1 = min(t0 + per, t)
+                frames = torch.arange(t0, t1, device=self.device)
+                pos = (clip * n + points[None]) * t + frames[:, None]  # (frames, N)
+                if self.row_of is None:
+                    yield clip, t0, t1, pos.reshape(-1), None
+                else:
+                    row = self.row_of[pos]
+                    mask = row >= 0
+                    yield clip, t0, t1, row[mask], mask
+
+    def frames_with_tokens(self) -> Tensor | None:
+        """(B*T,) whether a frame has any point token (None: all have)."""
+        if self.token_valid is None:
+            return None
+        return self.token_valid.any(dim=1).reshape(-1)
 
 
 class UpdateFormer(nn.Module):
     """Transformer over tokens: attention along each track, and across tracks through 64
-    learned virtual tracks; predicts coordinate, visibility and confidence updates."""
+    learned virtual tracks; predicts coordinate, visibility and confidence updates.
+
+    Point tokens are updated in place, chunk by chunk, so temporaries stay small.
+    """
 
     def __init__(self, depth: int = 3, dim: int = HIDDEN_DIM):
         super().__init__()
@@ -235,75 +294,74 @@ class UpdateFormer(nn.Module):
         nn.init.trunc_normal_(self.vis_conf_head.weight, std=0.001)
 
     def forward(self, pts: Tensor, layout: TokenLayout, rows: int) -> Tensor:
-        """pts (M, D) input-transformed existing tokens -> (M, 4): dx, dy, dvis, dconf."""
-        b, n, t = layout.batch, layout.points, layout.frames
+        """pts (M, D) input-transformed existing tokens, updated in place -> (M, 4) deltas."""
+        b, t = layout.batch, layout.frames
         dim = pts.shape[-1]
         virt = self.virual_tracks.expand(b, NUM_VIRTUAL, t, dim).reshape(-1, t, dim)
-        track_mask = frame_mask = point_mask = None
-        if layout.token_valid is not None:
-            track_mask = layout.token_valid.view(b * n, t)
-            point_mask = layout.token_valid.transpose(1, 2).reshape(b * t, n)
+        frame_mask = None
         if layout.frame_valid is not None:
             frame_mask = layout.frame_valid.repeat_interleave(NUM_VIRTUAL, dim=0)
-
         for i, time_block in enumerate(self.time_blocks):
-            pts = _time_attention(time_block, pts, layout, track_mask, rows)
+            for clip, n0, n1, sl in layout.track_chunks(rows):
+                _time_attention(time_block, pts[sl], layout.chunk_mask(clip, n0, n1), layout)
             virt = time_block(virt, frame_mask).view(b, NUM_VIRTUAL, t, dim)
             virt = virt.transpose(1, 2).reshape(b * t, NUM_VIRTUAL, dim)
-            virt = _virtual_from_points(self.space_virtual2point_blocks[i], virt, pts, layout,
-                                        point_mask, rows)
+            virt = _virtual_from_points(self.space_virtual2point_blocks[i], virt, pts, layout, rows)
             virt = self.space_virtual_blocks[i](virt)
-            pts = _points_from_virtual(self.space_point2virtual_blocks[i], pts, virt, layout, rows)
+            block = self.space_point2virtual_blocks[i]
+            kv = block.cross_attn.to_kv(block.norm_context(virt))
+            for clip, n0, n1, sl in layout.track_chunks(rows):
+                mask = layout.chunk_mask(clip, n0, n1)
+                _points_from_virtual(block, pts[sl], kv[clip * t : (clip + 1) * t], mask, layout)
             virt = virt.view(b, t, NUM_VIRTUAL, dim).transpose(1, 2).reshape(-1, t, dim)
+        return _rowwise(lambda y: torch.cat([self.flow_head(y), self.vis_conf_head(y)], -1),
+                        pts, rows)
 
-        return torch.cat([self.flow_head(pts), self.vis_conf_head(pts)], dim=-1)
 
-
-def _time_attention(block: AttnBlock, pts: Tensor, layout: TokenLayout, mask, rows) -> Tensor:
-    """Attention along each track (existing tokens only), then the block's MLP."""
-    b, n, t = layout.batch, layout.points, layout.frames
-    dim = pts.shape[-1]
+def _time_attention(block: AttnBlock, x: Tensor, mask: Tensor | None, layout: TokenLayout):
+    """Attention along each track of a chunk of whole tracks, then the MLP; x updated in place."""
     attn = block.attn
-
-    def qkv_of(y: Tensor) -> Tensor:
-        y = _layer_norm(y)
-        return torch.cat([attn.to_q(y), attn.to_kv(y)], dim=-1)
-
-    qkv = _rowwise(qkv_of, pts, rows)
-    q, k, v = (layout.pad(z).view(b * n, t, dim) for z in qkv.chunk(3, dim=-1))
-    out = layout.pack(attend(q, k, v, attn.heads, mask).view(b, n, t, dim))
-    pts = pts + _rowwise(attn.to_out, out, rows)
-    return pts + _rowwise(lambda y: block.mlp(_layer_norm(y)), pts, rows)
+    h = _layer_norm(x)
+    k, v = attn.to_kv(h).chunk(2, dim=-1)
+    q, k, v = (layout.chunk_pad(z, mask) for z in (attn.to_q(h), k, v))
+    out = layout.chunk_pack(attend(q, k, v, attn.heads, mask), mask)
+    x += attn.to_out(out)
+    x += block.mlp(_layer_norm(x))
 
 
-def _virtual_from_points(block: CrossAttnBlock, virt, pts, layout: TokenLayout, mask, rows):
+def _virtual_from_points(block: CrossAttnBlock, virt: Tensor, pts: Tensor, layout: TokenLayout,
+                         rows: int) -> Tensor:
     """Virtual tokens (B T, 64, D) attend to the point tokens of their frame."""
     attn = block.cross_attn
-    kv = _rowwise(lambda y: attn.to_kv(block.norm_context(y)), pts, rows)
-    k, v = (_frame_major(layout.pad(z)) for z in kv.chunk(2, dim=-1))
-    out = attn.to_out(attend(attn.to_q(_layer_norm(virt)), k, v, attn.heads, mask))
-    if mask is not None:  # a frame without point tokens leaves its virtual tokens unchanged
-        out = out * mask.any(dim=1)[:, None, None]
+    n, t = layout.points, layout.frames
+    q = attn.to_q(_layer_norm(virt))
+    out = torch.empty_like(q)
+    for clip, t0, t1, gather, mask in layout.frame_chunks(rows):
+        k, v = attn.to_kv(block.norm_context(pts[gather])).chunk(2, dim=-1)
+        if mask is not None:
+            k, v = (layout.chunk_pad(z, mask) for z in (k, v))
+        else:
+            k, v = k.view(t1 - t0, n, -1), v.view(t1 - t0, n, -1)
+        rows_q = slice(clip * t + t0, clip * t + t1)
+        out[rows_q] = attend(q[rows_q], k, v, attn.heads, mask)
+    out = attn.to_out(out)
+    has_tokens = layout.frames_with_tokens()
+    if has_tokens is not None:  # a frame without point tokens leaves its virtual tokens as is
+        out = out * has_tokens[:, None, None]
     virt = virt + out
     return virt + block.mlp(_layer_norm(virt))
 
 
-def _points_from_virtual(block: CrossAttnBlock, pts, virt, layout: TokenLayout, rows):
-    """Point tokens attend to the 64 virtual tokens of their frame."""
-    b, n, t = layout.batch, layout.points, layout.frames
+def _points_from_virtual(block: CrossAttnBlock, x: Tensor, kv: Tensor, mask: Tensor | None,
+                         layout: TokenLayout) -> None:
+    """Tokens of a chunk of tracks attend to the 64 virtual tokens of their frame (kv: T, 64,
+    2D); then the MLP. x is updated in place."""
     attn = block.cross_attn
-    k, v = attn.to_kv(block.norm_context(virt)).chunk(2, dim=-1)
-    q = _frame_major(layout.pad(_rowwise(lambda y: attn.to_q(_layer_norm(y)), pts, rows)))
-    out = attend(q, k, v, attn.heads)
-    out = layout.pack(out.view(b, t, n, -1).transpose(1, 2))
-    pts = pts + _rowwise(attn.to_out, out, rows)
-    return pts + _rowwise(lambda y: block.mlp(_layer_norm(y)), pts, rows)
-
-
-def _frame_major(x: Tensor) -> Tensor:
-    """(B, N, T, C) -> (B * T, N, C)."""
-    b, n, t, c = x.shape
-    return x.transpose(1, 2).reshape(b * t, n, c)
+    q = layout.chunk_pad(attn.to_q(_layer_norm(x)), mask).transpose(0, 1)  # (T, tracks, D)
+    k, v = kv.chunk(2, dim=-1)
+    out = attend(q.contiguous(), k, v, attn.heads).transpose(0, 1)
+    x += attn.to_out(layout.chunk_pack(out, mask))
+    x += block.mlp(_layer_norm(x))
 
 
 def _rowwise(fn, x: Tensor, rows: int) -> Tensor:
@@ -398,15 +456,16 @@ class CoTracker3(nn.Module):
         layout: TokenLayout,
         time_emb: Tensor,
         iters: int = 6,
-        rows: int = 8192,
-        corr_rows: int = 2048,
+        rows: int = 2048,
+        corr_rows: int = 512,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Iteratively update tracks (the official offline iteration, on existing tokens).
 
         pyramid: levels (F, h, w, C); frame_rows (B, T): pyramid row of each clip frame;
         support: per level (B, N, 49, C); coords (B, N, T, 2) in stride-4 units; vis, conf
         (B, N, T) logits; time_emb (B or 1, T, INPUT_DIM). Returns updated coords, vis, conf;
-        tokens that do not exist keep their input values.
+        tokens that do not exist keep their input values. `rows` and `corr_rows` bound the
+        size of the chunks the work is done in (results do not depend on them).
         """
         b, n, t = layout.batch, layout.points, layout.frames
         tb, tn, tt = layout.token_coords()
@@ -420,6 +479,7 @@ class CoTracker3(nn.Module):
         vis_conf = layout.pack(torch.stack([vis, conf], dim=-1))
         dense = layout.index is None
         step = max(1, corr_rows // t) * t if dense else corr_rows
+        pts = None
         for _ in range(iters):
             full = layout.pad(xy)
             forward = F.pad(full[:, :, :-1] - full[:, :, 1:], (0, 0, 0, 1))
@@ -428,7 +488,6 @@ class CoTracker3(nn.Module):
                 forward = forward * F.pad(exists[:, :, 1:], (0, 0, 0, 1))
                 backward = backward * F.pad(exists[:, :, :-1], (0, 0, 1, 0))
             rel = layout.pack(torch.cat([forward, backward], dim=-1)) / scale
-            pts = []
             for i in range(0, len(xy), step):
                 sl = slice(i, i + step)
                 if dense:  # whole tracks: one support per t consecutive tokens
@@ -437,8 +496,11 @@ class CoTracker3(nn.Module):
                     sup = [s[track[sl]] for s in support]
                 corr = self.correlation(pyramid, frame[sl], xy[sl], sup).to(xy.dtype)
                 x = torch.cat([vis_conf[sl], corr, posenc(rel[sl])], dim=-1) + emb[tb[sl], tt[sl]]
-                pts.append(self.updateformer.input_transform(x))
-            delta = self.updateformer(torch.cat(pts), layout, rows).float()
+                x = self.updateformer.input_transform(x)
+                if pts is None:
+                    pts = x.new_empty(len(xy), x.shape[-1])
+                pts[sl] = x
+            delta = self.updateformer(pts, layout, rows).float()
             xy = xy + delta[:, :2]
             vis_conf = vis_conf + delta[:, 2:]
         xy, vis_conf = layout.pad(xy), layout.pad(vis_conf)
