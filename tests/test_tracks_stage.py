@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +155,43 @@ def test_a_dask_local_cluster_builds_the_same_store(dataset, reference, tmp_path
         read_manifest(dataset), out, CONFIG, executor="dask", scheduler="local:2", progress=False
     )
     assert again.units == 0 and again.units_skipped == 6
+
+
+def _slurm_is_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return result.returncode == 0 and "idle" in result.stdout
+
+
+@pytest.mark.skipif(not _slurm_is_up(), reason="no Slurm here (.ci/slurm-up starts one)")
+def test_a_slurm_job_array_builds_the_same_store(dataset, reference, tmp_path):
+    out = tmp_path / "tracks.zarr"
+    script = tmp_path / "tracks.sbatch"
+    submit = subprocess.run(
+        [EXTRACT, "sbatch", "tracks", "--tasks", "3", "--cpus-per-task", "1",
+         "--script", str(script), "--logs", str(tmp_path / "logs"), "--submit", "--",
+         "--manifest", str(dataset), "--out", str(out), *OPTIONS, "--workers", "0"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.split("submitted job ")[1].strip()
+    deadline = time.time() + 600
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout:
+        assert time.time() < deadline, "the job array did not finish in 10 minutes"
+        time.sleep(2)
+    logs = sorted((tmp_path / "logs").glob("*.out"))
+    assert len(logs) == 3, logs
+    assert_same(arrays(out), reference)
+    pids = {json.loads(t)["pid"] for t in records(out).values()}
+    assert len(pids) == 3  # each array task took its own share
+
+
+def test_sbatch_checks_the_stage_options_first(dataset, tmp_path):
+    run = subprocess.run(
+        [EXTRACT, "sbatch", "tracks", "--tasks", "2", "--script", str(tmp_path / "s"), "--",
+         "--manifest", str(dataset), "--out", str(tmp_path / "o"), "--grid", "many"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2 and "--grid" in run.stderr
+    assert not (tmp_path / "s").exists()

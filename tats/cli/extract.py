@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import typer
 
-from tats.cli.common import OK, SOME_FAILED, input_errors
+from tats.cli.common import OK, SOME_FAILED, fail, input_errors
 
 # Literal copies keep `--help` fast: importing the backbones module pulls in torch.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -236,3 +237,57 @@ def verify(
         typer.echo(f"{store}: {len(problems)} problems", err=True)
         raise typer.Exit(SOME_FAILED)
     typer.echo(f"{store}: sound")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sbatch(
+    ctx: typer.Context,
+    stage: str = typer.Argument(..., help="The stage to run: tracks or features."),
+    tasks: int = typer.Option(..., help="Array tasks; each takes an even share of the units."),
+    script: Path | None = typer.Option(
+        None, help="Where to write the script [default: tats-STAGE.sbatch here]."
+    ),
+    partition: str | None = typer.Option(None, help="Slurm partition."),
+    time: str | None = typer.Option(None, help="Time limit per task, e.g. 12:00:00."),
+    cpus_per_task: int | None = typer.Option(None, help="CPUs per task (decoders + 1)."),
+    gpus_per_task: int | None = typer.Option(None, help="GPUs per task."),
+    mem: str | None = typer.Option(None, help="Memory per task, e.g. 32G."),
+    max_parallel: int | None = typer.Option(None, help="At most this many tasks at once."),
+    logs: Path = typer.Option(Path("slurm-logs"), help="Folder for the tasks' output."),
+    submit: bool = typer.Option(False, help="Submit the script with sbatch."),
+) -> None:
+    """Write a Slurm job-array script running STAGE; options after `--` go to the stage.
+
+    Example: tats-extract sbatch tracks --tasks 32 --gpus-per-task 1 --submit --
+    --manifest m.csv --out tracks.zarr --tracker cotracker3 --device cuda
+    """
+    from tats.pipeline import slurm
+
+    args = list(ctx.args)
+    if stage not in ("tracks", "features"):
+        raise fail(f"unknown stage {stage!r}; use tracks or features")
+    if {"--shard-index", "--num-shards"} & set(args):
+        raise fail("the array task picks the share: leave out --shard-index and --num-shards")
+    command = typer.main.get_command(app).get_command(ctx, stage)
+    try:  # check the stage's options now, not in every task of the array
+        command.make_context(stage, list(args))
+    except click.exceptions.ClickException as error:
+        raise fail(f"{stage} options: {error.format_message()}") from None
+    with input_errors():
+        options = slurm.SlurmOptions(
+            tasks=tasks,
+            job_name=f"tats-{stage}",
+            partition=partition,
+            time=time,
+            cpus_per_task=cpus_per_task,
+            gpus_per_task=gpus_per_task,
+            mem=mem,
+            logs=logs,
+            max_parallel=max_parallel,
+        )
+        script = script or Path(f"tats-{stage}.sbatch")
+        logs.mkdir(parents=True, exist_ok=True)
+        script.write_text(slurm.sbatch_script(slurm.stage_command(stage, args), options))
+        typer.echo(f"wrote {script} ({tasks} array tasks, logs in {logs}/)")
+        if submit:
+            typer.echo(f"submitted job {slurm.submit(script)}")

@@ -176,6 +176,13 @@ def _load(loader: Callable[[VideoRow], Any], row: VideoRow) -> Loaded:
     return Loaded(row, data, seconds=time.perf_counter() - tic)
 
 
+def _worker_init() -> None:
+    # One thread per decoding process: the processes are the parallelism.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class _Prefetcher:
     """Loads rows in order, `2 * workers` ahead, in worker processes (or inline with 0).
 
@@ -198,8 +205,11 @@ class _Prefetcher:
     def _new_pool(self, workers: int) -> ProcessPoolExecutor:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
-        context = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(workers, mp_context=context)
+        # Forked workers start at once (spawned ones re-import torch, seconds each); they only
+        # decode, never touch the GPU or the store, as with torch's DataLoader workers.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
         return self.pool
 
     def _stream(self) -> Iterator[Loaded]:
