@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -54,6 +55,20 @@ SCHEDULER = typer.Option(
 )
 
 
+def parse_options(items: list[str]) -> dict:
+    """KEY=VALUE strings -> keyword arguments; values read as JSON where they parse."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--tracker-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
 def _finish(summary, what: str) -> None:
     skipped = f", {summary.units_skipped} units already done" if summary.units_skipped else ""
     typer.echo(
@@ -73,6 +88,12 @@ def tracks(
     tracker: str = typer.Option("lk", help="Point tracker: lk, cotracker3, cotracker3-online."),
     checkpoint: Path | None = typer.Option(
         None, help="Tracker weights (.pth) [default: the torch hub cache, where it has them]."
+    ),
+    tracker_option: list[str] = typer.Option(
+        [],
+        help="A tracker setting KEY=VALUE, repeatable; cotracker3: from_query_frame=false "
+        "(track whole clips, as the official code), passes=per_query_frame, "
+        "max_offline_frames=N, online_checkpoint=PATH, precision=fp32.",
     ),
     grid: int = typer.Option(16, help="Grid size G: G x G points at every query frame."),
     queries: str = typer.Option(
@@ -121,6 +142,7 @@ def tracks(
             out,
             config,
             checkpoint=checkpoint,
+            tracker_options=parse_options(tracker_option),
             device=device,
             workers=workers,
             batch_videos=batch_videos,

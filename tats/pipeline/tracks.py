@@ -155,6 +155,7 @@ def extract_tracks(
     config: TracksConfig,
     *,
     checkpoint: str | Path | None = None,
+    tracker_options: dict | None = None,
     device: str = "cpu",
     workers: int = 2,
     batch_videos: int = 1,
@@ -167,13 +168,17 @@ def extract_tracks(
     """Run this process's share of the tracks stage; finished units are skipped.
 
     `executor="dask"` sends each unit to the Dask cluster at `scheduler` instead.
+    `tracker_options` go to the tracker's constructor (and into its identity).
     """
     index, count = resolve_share(shard_index, num_shards)
-    tracker = create_tracker(config.tracker, checkpoint=checkpoint, device=device)
+    options = tuple(sorted((tracker_options or {}).items()))
+    tracker = _cached_tracker(config.tracker, checkpoint, device, options)
     store = open_tracks_store(out, manifest, config, tracker)
     units = my_units(len(store.shards()), index, count)
     if executor == "dask":
-        task = partial(_tracks_unit, manifest, str(out), config, checkpoint, device, batch_videos)
+        task = partial(
+            _tracks_unit, manifest, str(out), config, checkpoint, device, options, batch_videos
+        )
         return run_on_dask(task, units, scheduler, progress, desc="tracks units")
     if executor != "local":
         raise ValueError(f"unknown executor {executor!r}; use local or dask")
@@ -182,8 +187,10 @@ def extract_tracks(
 
 
 @lru_cache(maxsize=2)
-def _cached_tracker(name: str, checkpoint: str | Path | None, device: str) -> Tracker:
-    return create_tracker(name, checkpoint=checkpoint, device=device)
+def _cached_tracker(
+    name: str, checkpoint: str | Path | None, device: str, options: tuple
+) -> Tracker:
+    return create_tracker(name, checkpoint=checkpoint, device=device, **dict(options))
 
 
 def _tracks_unit(
@@ -192,10 +199,12 @@ def _tracks_unit(
     config: TracksConfig,
     checkpoint: str | Path | None,
     device: str,
+    options: tuple,
     batch_videos: int,
     unit: int,
 ) -> RunSummary:
     """One unit on a cluster worker: the tracker is built once per worker process."""
-    stage = TracksStage(config, _cached_tracker(config.tracker, checkpoint, device), batch_videos)
+    tracker = _cached_tracker(config.tracker, checkpoint, device, options)
+    stage = TracksStage(config, tracker, batch_videos)
     store = RowStore.open(out, TRACKS)
     return run_stage(stage, store, manifest, [unit], workers=0, progress=False)

@@ -70,7 +70,10 @@ def create_tracker(
     _import_builtin()
     if name not in _TRACKERS:
         raise ValueError(f"unknown tracker {name!r}; available: {', '.join(sorted(_TRACKERS))}")
-    return _TRACKERS[name](checkpoint=checkpoint, device=device, **kwargs)
+    try:
+        return _TRACKERS[name](checkpoint=checkpoint, device=device, **kwargs)
+    except TypeError as error:  # an option this tracker does not have
+        raise ValueError(f"tracker {name!r}: {error}") from None
 
 
 def _import_builtin() -> None:

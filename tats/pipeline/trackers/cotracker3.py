@@ -16,6 +16,9 @@ grid at frame 0 added to explicit queries, and each track overwritten with its q
 - bounded memory: clips longer than `max_offline_frames` (or that run out of GPU memory) go
   through the online model's sliding windows (16 frames, step 8);
 - bf16 autocast on CUDA (`precision="auto"`).
+
+The official weights (CC BY-NC 4.0, non-commercial) are never downloaded here: pass a file,
+or put it in the torch hub cache (see `resolve_checkpoint`).
 """
 
 from __future__ import annotations
@@ -109,15 +112,25 @@ def build_model(kind: str = "offline", model_resolution=MODEL_RESOLUTION) -> CoT
     return CoTracker3(window, model_resolution)
 
 
-def load_model(
-    path: str | Path, kind: str = "offline", model_resolution=MODEL_RESOLUTION
-) -> CoTracker3:
-    """Load an official-format checkpoint (optionally wrapped under "model") strictly."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+def read_state_dict(path: str | Path) -> dict:
+    """The state dict in an official-format checkpoint (optionally wrapped under "model"),
+    read with `weights_only=True`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unsafe unpickling
+        raise CheckpointError(f"{path}: cannot be read as a CoTracker3 checkpoint: {err}") from err
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a state dict")
+    return state
+
+
+def load_model(
+    path: str | Path, kind: str = "offline", model_resolution=MODEL_RESOLUTION
+) -> CoTracker3:
+    """Load an official-format checkpoint strictly into tats' CoTracker3."""
+    state = read_state_dict(path)
     model = build_model(kind, model_resolution)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
@@ -161,6 +174,16 @@ class _Pass:
     num_support: int
 
 
+@dataclass
+class _Tracked:
+    """What the windows have predicted so far for one pass (model px, logits)."""
+
+    coords: torch.Tensor  # (N, T, 2)
+    vis: torch.Tensor  # (N, T)
+    conf: torch.Tensor  # (N, T)
+    support: list[torch.Tensor] | None = None  # per level (N, 49, C), filled as frames arrive
+
+
 class CoTracker3Tracker:
     """The `cotracker3` / `cotracker3-online` trackers (see the module docstring)."""
 
@@ -179,7 +202,7 @@ class CoTracker3Tracker:
         model_resolution: tuple[int, int] = MODEL_RESOLUTION,
         iters: int = ITERS,
         max_batch_tokens: int = 1 << 20,
-        fnet_frames: int = 16,
+        fnet_frames: int | None = None,
         chunk_tokens: int | None = None,
     ):
         if passes not in PASSES:
@@ -198,10 +221,12 @@ class CoTracker3Tracker:
         self.model_resolution = (mh, mw)
         self.iters = iters
         self.max_batch_tokens = max_batch_tokens
-        self.fnet_frames = fnet_frames
-        # work is chunked to bound temporaries: small chunks stay in the CPU allocator's heap
-        # (large fresh allocations cost page faults), large ones keep a GPU busy
-        self.chunk_tokens = chunk_tokens or (1 << 16 if self.device.type == "cuda" else 2048)
+        # Work is chunked to bound temporaries. On the CPU small chunks are much faster: they
+        # stay in the allocator's heap, while large fresh allocations cost page faults (the
+        # CNN runs 3x faster one frame at a time than 16). Large chunks keep a GPU busy.
+        gpu = self.device.type == "cuda"
+        self.fnet_frames = fnet_frames or (16 if gpu else 1)
+        self.chunk_tokens = chunk_tokens or (1 << 16 if gpu else 2048)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
@@ -278,10 +303,11 @@ class CoTracker3Tracker:
                 windowed.append(i)
             else:
                 offline.append(i)
-        for group in self._offline_groups(prepared, offline):
+        for group in self._groups(prepared, offline, window=None):
             self._run_offline_or_fallback(prepared, group, results)
-        for i in windowed:
-            self._run_windows(prepared, [i], results)
+        if windowed:
+            for group in self._groups(prepared, windowed, window=self.online_net.window_len):
+                self._run_windows(prepared, group, results)
         return results
 
     # ---------------------------------------------------------------- passes
@@ -305,8 +331,9 @@ class CoTracker3Tracker:
             for cols in groups
         ]
 
-    def _offline_groups(self, prepared, clips: list[int]) -> list[list[int]]:
-        """Clips batched together, longest first, within `max_batch_tokens` padded tokens."""
+    def _groups(self, prepared, clips: list[int], window: int | None) -> list[list[int]]:
+        """Clips batched together, longest first, within `max_batch_tokens` padded tokens
+        (a token is one point in one frame; windowed clips hold `window` frames at a time)."""
         order = sorted(clips, key=lambda i: -len(prepared[i][0]))
         groups: list[list[int]] = []
         rows = points = 0
@@ -314,7 +341,7 @@ class CoTracker3Tracker:
             frames, queries = prepared[i]
             n = len(queries) + (SUPPORT_GRID_SIZE**2 if self.support_grid else 0)
             passes = 1 if self.passes == "joint" else len(np.unique(queries[:, 0]))
-            t_max = len(prepared[groups[-1][0]][0]) if groups else len(frames)
+            t_max = window or len(prepared[groups[-1][0]][0] if groups else frames)
             if groups and (rows + passes) * max(points, n) * t_max <= self.max_batch_tokens:
                 groups[-1].append(i)
                 rows, points = rows + passes, max(points, n)
@@ -363,8 +390,9 @@ class CoTracker3Tracker:
                      results)
 
     def _refine(self, net, pyramid, frame_rows, queries, point_valid, frame_valid, time_emb,
-                coords=None, vis=None, conf=None, support=None):
-        """Run the refinement for (B, N) queries; returns coords (model px), vis, conf logits."""
+                coords=None, vis=None, conf=None, support=None, first_frame: int = 0):
+        """Run the refinement for (B, N) queries on frames first_frame.. of their clips;
+        returns coords (model px), vis and conf logits."""
         dev = self.device
         b, n = point_valid.shape
         t = frame_rows.shape[1]
@@ -385,7 +413,8 @@ class CoTracker3Tracker:
             frame_valid = frame_valid.to(dev)
             token_valid = token_valid & frame_valid[:, None, :]
         if self.from_query_frame:
-            token_valid = token_valid & (torch.arange(t, device=dev) >= qt[..., None])
+            frame = torch.arange(first_frame, first_frame + t, device=dev)
+            token_valid = token_valid & (frame >= qt[..., None])
         layout = TokenLayout.make(token_valid, frame_valid, (b, n, t), dev)
         with self._autocast():
             coords, vis, conf = net.refine(
@@ -431,15 +460,12 @@ class CoTracker3Tracker:
         passes = [p for k, i in enumerate(group) for p in self._passes(k, *prepared[i])]
         lengths = [len(prepared[group[p.clip]][0]) for p in passes]
         dev = self.device
-        state = []
-        for p, length in zip(passes, lengths, strict=True):
-            n = len(p.queries)
-            state.append({
-                "coords": torch.zeros(n, length, 2, device=dev),
-                "vis": torch.zeros(n, length, device=dev),
-                "conf": torch.zeros(n, length, device=dev),
-                "support": None,
-            })
+        state = [
+            _Tracked(torch.zeros(len(p.queries), t, 2, device=dev),
+                     torch.zeros(len(p.queries), t, device=dev),
+                     torch.zeros(len(p.queries), t, device=dev))
+            for p, t in zip(passes, lengths, strict=True)
+        ]
         cache: dict[int, tuple[int, list[torch.Tensor]]] = {}  # clip -> (first frame, levels)
         ind = 0
         while True:
@@ -447,6 +473,7 @@ class CoTracker3Tracker:
             if not active:
                 break
             clips = sorted({passes[k].clip for k in active})
+            cache = {c: cache[c] for c in clips if c in cache}  # drop finished clips
             window_levels, offsets = [], {}
             row = 0
             for c in clips:
@@ -460,10 +487,8 @@ class CoTracker3Tracker:
             pyramid = [torch.cat(lv) for lv in zip(*window_levels, strict=True)]
             self._window_step(net, pyramid, offsets, passes, lengths, state, active, ind)
             ind += step
-        for s in state:
-            s["visible"] = torch.sigmoid(s["vis"]) * torch.sigmoid(s["conf"]) > ONLINE_THRESHOLD
-        coords = [s["coords"] for s in state]
-        visible = [s["visible"] for s in state]
+        coords = [s.coords for s in state]
+        visible = [torch.sigmoid(s.vis) * torch.sigmoid(s.conf) > ONLINE_THRESHOLD for s in state]
         self._finish_lists(prepared, group, passes, coords, visible, results)
 
     def _window_features(self, net, frames, start, end, cached):
@@ -511,32 +536,29 @@ class CoTracker3Tracker:
             left = 0 if ind == 0 else ind + step
             new = ((qt >= left) & (qt < ind + size)).nonzero().squeeze(1)
             feats = net.support_features(pyramid, offsets[p.clip] + qt[new] - ind, xy[new])
-            if s["support"] is None:
-                s["support"] = [torch.zeros(m, *f.shape[1:], device=dev, dtype=f.dtype)
-                                for f in feats]
-            for acc, f in zip(s["support"], feats, strict=True):
+            if s.support is None:
+                s.support = [f.new_zeros(m, *f.shape[1:]) for f in feats]
+            for acc, f in zip(s.support, feats, strict=True):
                 acc[new] = f
             if support is None:
-                support = [torch.zeros(b, n, *f.shape[1:], device=dev, dtype=f.dtype)
-                           for f in s["support"]]
-            for acc, f in zip(support, s["support"], strict=True):
+                support = [f.new_zeros(b, n, *f.shape[1:]) for f in s.support]
+            for acc, f in zip(support, s.support, strict=True):
                 acc[j, :m] = f
             if ind > 0:  # seed the overlap with the previous window's predictions
                 carry = (qt < ind + overlap).nonzero().squeeze(1)
-                for dst, src in ((coords, s["coords"] / STRIDE), (vis, s["vis"]),
-                                 (conf, s["conf"])):
+                for dst, src in ((coords, s.coords / STRIDE), (vis, s.vis), (conf, s.conf)):
                     prev = src[carry, ind : ind + overlap]
                     pad = prev[:, -1:].expand(-1, size - overlap, *prev.shape[2:])
                     dst[j, carry] = torch.cat([prev, pad], dim=1)
         time_emb = net.time_embedding(size)
         out = self._refine(net, pyramid, frame_rows, queries, point_valid, None, time_emb,
-                           coords, vis, conf, support)
+                           coords, vis, conf, support, first_frame=ind)
         for j, k in enumerate(active):
             m, s = len(passes[k].queries), state[k]
             real = min(size, lengths[k] - ind)
-            s["coords"][:, ind : ind + real] = out[0][j, :m, :real].float()
-            s["vis"][:, ind : ind + real] = out[1][j, :m, :real].float()
-            s["conf"][:, ind : ind + real] = out[2][j, :m, :real].float()
+            s.coords[:, ind : ind + real] = out[0][j, :m, :real].float()
+            s.vis[:, ind : ind + real] = out[1][j, :m, :real].float()
+            s.conf[:, ind : ind + real] = out[2][j, :m, :real].float()
 
     # ---------------------------------------------------------------- outputs
 
@@ -606,11 +628,18 @@ def _check_clip(index: int, frames, queries) -> tuple[np.ndarray, np.ndarray]:
     return frames, queries
 
 
+# As registered trackers (what `tats-extract tracks` uses), points are tracked from their
+# query frame on, and sit at their query point before it. TATs masks a point before its query
+# frame and its filter reads frames from the query frame on; skipping the earlier frames is
+# what makes one pass 3x faster than the official seven calls (benchmarks/bench_cotracker.py
+# states the difference). `from_query_frame=False` tracks whole clips, as the official code.
 @register_tracker("cotracker3")
 def _offline_tracker(checkpoint=None, device="cpu", **kwargs) -> CoTracker3Tracker:
+    kwargs.setdefault("from_query_frame", True)
     return CoTracker3Tracker(checkpoint, device, online=False, **kwargs)
 
 
 @register_tracker("cotracker3-online")
 def _online_tracker(checkpoint=None, device="cpu", **kwargs) -> CoTracker3Tracker:
+    kwargs.setdefault("from_query_frame", True)
     return CoTracker3Tracker(checkpoint, device, online=True, **kwargs)

@@ -436,13 +436,15 @@ class CoTracker3(nn.Module):
         holds them, so the window is correlated first and interpolated after (fewer values).
         """
         m, groups = xy.shape[0], support[0].shape[0]
-        volumes = []
+        volumes = None
         for level, fmap in enumerate(pyramid):
             patch, frac = window(fmap, frame, xy / 2**level)  # (M, 8, 8, C)
             patch = patch.view(groups, -1, patch.shape[-1])
             corr = torch.bmm(patch, support[level].transpose(1, 2).to(patch.dtype))
-            volumes.append(bilinear(corr.view(m, 8, 8, -1), frac).reshape(m, -1))
-        emb = self.corr_mlp(torch.cat(volumes))  # one GEMM for all levels
+            if volumes is None:
+                volumes = corr.new_empty(CORR_LEVELS, m, _NEIGHBOURS, _NEIGHBOURS, corr.shape[-1])
+            bilinear(corr.view(m, 8, 8, -1), frac, out=volumes[level])
+        emb = self.corr_mlp(volumes.view(CORR_LEVELS * m, -1))  # one GEMM for all levels
         return emb.view(CORR_LEVELS, m, -1).transpose(0, 1).reshape(m, -1)
 
     def refine(
@@ -525,13 +527,13 @@ def window(fmap: Tensor, frame: Tensor, xy: Tensor) -> tuple[Tensor, Tensor]:
     xs = (base[:, 0:1].long() + offsets).clamp_(0, w - 1)  # (M, 8)
     ys = (base[:, 1:2].long() + offsets).clamp_(0, h - 1)
     rows = (frame[:, None, None] * h + ys[:, None, :]) * w + xs[:, :, None]  # (M, 8x, 8y)
-    patch = fmap.reshape(-1, c)[rows.reshape(-1)].view(-1, 8, 8, c)
+    patch = torch.index_select(fmap.reshape(-1, c), 0, rows.reshape(-1)).view(-1, 8, 8, c)
     return patch, xy - base
 
 
-def bilinear(window: Tensor, frac: Tensor) -> Tensor:
+def bilinear(window: Tensor, frac: Tensor, out: Tensor | None = None) -> Tensor:
     """(M, 8, 8, K) window values -> (M, 7, 7, K) at offsets frac (M, 2) = (x, y) in [0, 1)."""
     fx = frac[:, 0, None, None, None].to(window.dtype)
     fy = frac[:, 1, None, None, None].to(window.dtype)
     along_x = torch.lerp(window[:, :-1], window[:, 1:], fx)
-    return torch.lerp(along_x[:, :, :-1], along_x[:, :, 1:], fy)
+    return torch.lerp(along_x[:, :, :-1], along_x[:, :, 1:], fy, out=out)

@@ -24,6 +24,7 @@ from tats.pipeline.trackers.cotracker3 import (
     CheckpointError,
     file_sha256,
     official_grid,
+    read_state_dict,
     resolve_checkpoint,
 )
 
@@ -64,9 +65,7 @@ class OfficialCoTracker:
             raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
         kind = "online" if online else "offline"
         path = resolve_checkpoint(checkpoint, kind)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
+        state = read_state_dict(path)
         window = ONLINE_WINDOW if online else OFFLINE_WINDOW
         model_class = CoTrackerThreeOnline if online else CoTrackerThreeOffline
         model = model_class(stride=4, corr_radius=3, window_len=window,
