@@ -9,7 +9,6 @@ keeps the original's augmentation without decoding video.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,8 @@ import torch
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline.augment import AugmentConfig, augment_clip, view_seed
 from tats.pipeline.backbones import Backbone, Preprocess, create_backbone
-from tats.pipeline.executors import run_on_dask
-from tats.pipeline.plan import my_units, resolve_share
-from tats.pipeline.runner import RunSummary, run_stage
+from tats.pipeline.executors import extract
+from tats.pipeline.runner import RunSummary
 from tats.stores import FEATURES, RowStore, features_fields
 from tats.video import probe, read_frames, stored_frames, timeline
 
@@ -104,6 +102,31 @@ def open_features_store(
     )
 
 
+@dataclass(frozen=True)
+class FeaturesRecipe:
+    """The features stage as a picklable recipe (see executors.py)."""
+
+    config: FeaturesConfig
+    weights: str | None = None
+    device: str = "cpu"
+    batch_videos: int = 4
+    backbone_options: tuple[tuple[str, object], ...] = ()
+    name: str = "features"
+
+    def build(self) -> FeaturesStage:
+        backbone = create_backbone(
+            self.config.backbone,
+            weights=self.weights,
+            device=self.device,
+            preprocess=self.config.preprocess,
+            **dict(self.backbone_options),
+        )
+        return FeaturesStage(self.config, backbone, self.batch_videos)
+
+    def open_store(self, out: str | Path, manifest: Manifest, stage: FeaturesStage) -> RowStore:
+        return open_features_store(out, manifest, self.config, stage.backbone)
+
+
 def extract_features(
     manifest: Manifest,
     out: str | Path,
@@ -111,60 +134,19 @@ def extract_features(
     *,
     weights: str | Path | None = None,
     device: str = "cpu",
-    workers: int = 2,
     batch_videos: int = 4,
-    shard_index: int | None = None,
-    num_shards: int | None = None,
-    executor: str = "local",
-    scheduler: str | None = None,
-    progress: bool = True,
-    backbone_kwargs: dict | None = None,
+    backbone_options: dict | None = None,
+    **run,
 ) -> RunSummary:
-    """Run this process's share of the features stage; finished units are skipped.
+    """Run this process's share of the features stage (see `executors.extract` for `run`).
 
-    `backbone_kwargs` go to the model constructor (small test models, e.g. `{"depth": 2}`).
+    `backbone_options` go to the model constructor (small test models: `{"depth": 2}`).
     """
-    index, count = resolve_share(shard_index, num_shards)
-    kwargs = tuple(sorted((backbone_kwargs or {}).items()))
-    backbone = _cached_backbone(config.backbone, weights, device, config.preprocess, kwargs)
-    store = open_features_store(out, manifest, config, backbone)
-    units = my_units(len(store.shards()), index, count)
-    if executor == "dask":
-        task = partial(
-            _features_unit, manifest, str(out), config, weights, device, batch_videos, kwargs
-        )
-        return run_on_dask(task, units, scheduler, progress, desc="features units")
-    if executor != "local":
-        raise ValueError(f"unknown executor {executor!r}; use local or dask")
-    stage = FeaturesStage(config, backbone, batch_videos)
-    return run_stage(stage, store, manifest, units, workers, progress, desc="features")
-
-
-@lru_cache(maxsize=2)
-def _cached_backbone(
-    name: str,
-    weights: str | Path | None,
-    device: str,
-    preprocess: Preprocess,
-    kwargs: tuple[tuple[str, object], ...],
-) -> Backbone:
-    return create_backbone(
-        name, weights=weights, device=device, preprocess=preprocess, **dict(kwargs)
+    recipe = FeaturesRecipe(
+        config,
+        None if weights is None else str(weights),
+        device,
+        batch_videos,
+        tuple(sorted((backbone_options or {}).items())),
     )
-
-
-def _features_unit(
-    manifest: Manifest,
-    out: str,
-    config: FeaturesConfig,
-    weights: str | Path | None,
-    device: str,
-    batch_videos: int,
-    kwargs: tuple[tuple[str, object], ...],
-    unit: int,
-) -> RunSummary:
-    """One unit on a cluster worker: the backbone is built once per worker process."""
-    backbone = _cached_backbone(config.backbone, weights, device, config.preprocess, kwargs)
-    stage = FeaturesStage(config, backbone, batch_videos)
-    store = RowStore.open(out, FEATURES)
-    return run_stage(stage, store, manifest, [unit], workers=0, progress=False)
+    return extract(recipe, manifest, out, **run)

@@ -9,16 +9,14 @@ positions and visibility at the S frames training uses.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline import queries as Q
-from tats.pipeline.executors import run_on_dask
-from tats.pipeline.plan import my_units, resolve_share
-from tats.pipeline.runner import RunSummary, run_stage
+from tats.pipeline.executors import extract
+from tats.pipeline.runner import RunSummary
 from tats.pipeline.trackers import Tracker, create_tracker
 from tats.stores import TRACKS, RowStore, tracks_fields
 from tats.video import probe, read_frames, stored_frames, timeline
@@ -149,6 +147,30 @@ def open_tracks_store(
     )
 
 
+@dataclass(frozen=True)
+class TracksRecipe:
+    """The tracks stage as a picklable recipe (see executors.py)."""
+
+    config: TracksConfig
+    checkpoint: str | None = None
+    tracker_options: tuple[tuple[str, object], ...] = ()
+    device: str = "cpu"
+    batch_videos: int = 1
+    name: str = "tracks"
+
+    def build(self) -> TracksStage:
+        tracker = create_tracker(
+            self.config.tracker,
+            checkpoint=self.checkpoint,
+            device=self.device,
+            **dict(self.tracker_options),
+        )
+        return TracksStage(self.config, tracker, self.batch_videos)
+
+    def open_store(self, out: str | Path, manifest: Manifest, stage: TracksStage) -> RowStore:
+        return open_tracks_store(out, manifest, self.config, stage.tracker)
+
+
 def extract_tracks(
     manifest: Manifest,
     out: str | Path,
@@ -157,54 +179,18 @@ def extract_tracks(
     checkpoint: str | Path | None = None,
     tracker_options: dict | None = None,
     device: str = "cpu",
-    workers: int = 2,
     batch_videos: int = 1,
-    shard_index: int | None = None,
-    num_shards: int | None = None,
-    executor: str = "local",
-    scheduler: str | None = None,
-    progress: bool = True,
+    **run,
 ) -> RunSummary:
-    """Run this process's share of the tracks stage; finished units are skipped.
+    """Run this process's share of the tracks stage (see `executors.extract` for `run`).
 
-    `executor="dask"` sends each unit to the Dask cluster at `scheduler` instead.
     `tracker_options` go to the tracker's constructor (and into its identity).
     """
-    index, count = resolve_share(shard_index, num_shards)
-    options = tuple(sorted((tracker_options or {}).items()))
-    tracker = _cached_tracker(config.tracker, checkpoint, device, options)
-    store = open_tracks_store(out, manifest, config, tracker)
-    units = my_units(len(store.shards()), index, count)
-    if executor == "dask":
-        task = partial(
-            _tracks_unit, manifest, str(out), config, checkpoint, device, options, batch_videos
-        )
-        return run_on_dask(task, units, scheduler, progress, desc="tracks units")
-    if executor != "local":
-        raise ValueError(f"unknown executor {executor!r}; use local or dask")
-    stage = TracksStage(config, tracker, batch_videos)
-    return run_stage(stage, store, manifest, units, workers, progress, desc="tracks")
-
-
-@lru_cache(maxsize=2)
-def _cached_tracker(
-    name: str, checkpoint: str | Path | None, device: str, options: tuple
-) -> Tracker:
-    return create_tracker(name, checkpoint=checkpoint, device=device, **dict(options))
-
-
-def _tracks_unit(
-    manifest: Manifest,
-    out: str,
-    config: TracksConfig,
-    checkpoint: str | Path | None,
-    device: str,
-    options: tuple,
-    batch_videos: int,
-    unit: int,
-) -> RunSummary:
-    """One unit on a cluster worker: the tracker is built once per worker process."""
-    tracker = _cached_tracker(config.tracker, checkpoint, device, options)
-    stage = TracksStage(config, tracker, batch_videos)
-    store = RowStore.open(out, TRACKS)
-    return run_stage(stage, store, manifest, [unit], workers=0, progress=False)
+    recipe = TracksRecipe(
+        config,
+        None if checkpoint is None else str(checkpoint),
+        tuple(sorted((tracker_options or {}).items())),
+        device,
+        batch_videos,
+    )
+    return extract(recipe, manifest, out, **run)

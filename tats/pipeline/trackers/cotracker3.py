@@ -248,8 +248,10 @@ class CoTracker3Tracker:
 
         mode = kind
         if online_sha is not None:
-            mode = f"offline; online windows above {self.max_offline_frames} frames " \
-                   f"(online sha256 {online_sha})"
+            mode = (
+                f"offline; online windows above {self.max_offline_frames} frames "
+                f"(online sha256 {online_sha})"
+            )
         options = [
             f"passes={passes}",
             f"support_grid={'yes' if support_grid else 'no'}",
@@ -268,7 +270,7 @@ class CoTracker3Tracker:
     # ---------------------------------------------------------------- public API
 
     def mode_for(self, num_frames: int) -> str:
-        """"offline" or "online": which model tracks a clip of `num_frames` frames."""
+        """ "offline" or "online": which model tracks a clip of `num_frames` frames."""
         if self.online:
             return "online"
         if self.max_offline_frames is not None and num_frames > self.max_offline_frames:
@@ -386,11 +388,25 @@ class CoTracker3Tracker:
         time_emb = torch.stack([_resized(net, int(length), t) for length in lengths])
         out = self._refine(net, pyramid, frame_rows, queries, point_valid, frame_valid, time_emb)
         coords, vis, conf = out
-        self._finish(prepared, group, passes, coords, torch.sigmoid(vis) > OFFLINE_THRESHOLD,
-                     results)
+        self._finish(
+            prepared, group, passes, coords, torch.sigmoid(vis) > OFFLINE_THRESHOLD, results
+        )
 
-    def _refine(self, net, pyramid, frame_rows, queries, point_valid, frame_valid, time_emb,
-                coords=None, vis=None, conf=None, support=None, first_frame: int = 0):
+    def _refine(
+        self,
+        net,
+        pyramid,
+        frame_rows,
+        queries,
+        point_valid,
+        frame_valid,
+        time_emb,
+        coords=None,
+        vis=None,
+        conf=None,
+        support=None,
+        first_frame: int = 0,
+    ):
         """Run the refinement for (B, N) queries on frames first_frame.. of their clips;
         returns coords (model px), vis and conf logits."""
         dev = self.device
@@ -401,8 +417,10 @@ class CoTracker3Tracker:
         xy = queries[..., 1:] / STRIDE
         if support is None:
             rows = frame_rows.gather(1, qt.clamp(0, t - 1))
-            support = [s.view(b, n, *s.shape[1:]) for s in
-                       net.support_features(pyramid, rows.reshape(-1), xy.reshape(-1, 2))]
+            support = [
+                s.view(b, n, *s.shape[1:])
+                for s in net.support_features(pyramid, rows.reshape(-1), xy.reshape(-1, 2))
+            ]
             support = [s * point_valid[..., None, None] for s in support]
         if coords is None:
             coords = xy[:, :, None].expand(b, n, t, 2).clone()
@@ -418,8 +436,17 @@ class CoTracker3Tracker:
         layout = TokenLayout.make(token_valid, frame_valid, (b, n, t), dev)
         with self._autocast():
             coords, vis, conf = net.refine(
-                pyramid, frame_rows, support, coords, vis, conf, layout, time_emb.to(dev),
-                iters=self.iters, rows=self.chunk_tokens, corr_rows=self.chunk_tokens // 4,
+                pyramid,
+                frame_rows,
+                support,
+                coords,
+                vis,
+                conf,
+                layout,
+                time_emb.to(dev),
+                iters=self.iters,
+                rows=self.chunk_tokens,
+                corr_rows=self.chunk_tokens // 4,
             )
         return coords * STRIDE, vis, conf
 
@@ -431,8 +458,9 @@ class CoTracker3Tracker:
             offsets.append(total)
             total += len(frames)
             for i in range(0, len(frames), self.fnet_frames):
-                for level, x in zip(levels, self._features(net, frames[i : i + self.fnet_frames]),
-                                    strict=True):
+                for level, x in zip(
+                    levels, self._features(net, frames[i : i + self.fnet_frames]), strict=True
+                ):
                     level.append(x)
         return [torch.cat(level) for level in levels], offsets
 
@@ -445,8 +473,9 @@ class CoTracker3Tracker:
             return net.pyramid(video, dtype)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.precision == "bf16")
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        )
 
     # ---------------------------------------------------------------- online windows
 
@@ -461,9 +490,11 @@ class CoTracker3Tracker:
         lengths = [len(prepared[group[p.clip]][0]) for p in passes]
         dev = self.device
         state = [
-            _Tracked(torch.zeros(len(p.queries), t, 2, device=dev),
-                     torch.zeros(len(p.queries), t, device=dev),
-                     torch.zeros(len(p.queries), t, device=dev))
+            _Tracked(
+                torch.zeros(len(p.queries), t, 2, device=dev),
+                torch.zeros(len(p.queries), t, device=dev),
+                torch.zeros(len(p.queries), t, device=dev),
+            )
             for p, t in zip(passes, lengths, strict=True)
         ]
         cache: dict[int, tuple[int, list[torch.Tensor]]] = {}  # clip -> (first frame, levels)
@@ -551,8 +582,20 @@ class CoTracker3Tracker:
                     pad = prev[:, -1:].expand(-1, size - overlap, *prev.shape[2:])
                     dst[j, carry] = torch.cat([prev, pad], dim=1)
         time_emb = net.time_embedding(size)
-        out = self._refine(net, pyramid, frame_rows, queries, point_valid, None, time_emb,
-                           coords, vis, conf, support, first_frame=ind)
+        out = self._refine(
+            net,
+            pyramid,
+            frame_rows,
+            queries,
+            point_valid,
+            None,
+            time_emb,
+            coords,
+            vis,
+            conf,
+            support,
+            first_frame=ind,
+        )
         for j, k in enumerate(active):
             m, s = len(passes[k].queries), state[k]
             real = min(size, lengths[k] - ind)
@@ -614,8 +657,11 @@ def _check_clip(index: int, frames, queries) -> tuple[np.ndarray, np.ndarray]:
     t, h, w = frames.shape[:3]
     if t < 1 or h < 2 or w < 2:
         raise ValueError(f"clip {index}: frames of shape {frames.shape} are too small to track")
-    queries = np.asarray(queries, dtype=np.float64).reshape(-1, 3) if np.size(queries) else \
-        np.zeros((0, 3))
+    queries = (
+        np.asarray(queries, dtype=np.float64).reshape(-1, 3)
+        if np.size(queries)
+        else np.zeros((0, 3))
+    )
     if not np.isfinite(queries).all():
         row = int(np.flatnonzero(~np.isfinite(queries).all(axis=1))[0])
         raise ValueError(f"clip {index}: query {row} is not finite: {queries[row].tolist()}")

@@ -185,8 +185,9 @@ class TokenLayout:
         row_of = torch.full_like(flat, -1, dtype=torch.long)
         row_of[index] = torch.arange(len(index), device=index.device)
         counts = token_valid.sum(-1).reshape(-1).cumsum(0).tolist()
-        return TokenLayout(b, n, t, torch.device(device), token_valid, frame_valid, index, row_of,
-                           (0, *counts))
+        return TokenLayout(
+            b, n, t, torch.device(device), token_valid, frame_valid, index, row_of, (0, *counts)
+        )
 
     @property
     def count(self) -> int:
@@ -314,8 +315,9 @@ class UpdateFormer(nn.Module):
                 mask = layout.chunk_mask(clip, n0, n1)
                 _points_from_virtual(block, pts[sl], kv[clip * t : (clip + 1) * t], mask, layout)
             virt = virt.view(b, t, NUM_VIRTUAL, dim).transpose(1, 2).reshape(-1, t, dim)
-        return _rowwise(lambda y: torch.cat([self.flow_head(y), self.vis_conf_head(y)], -1),
-                        pts, rows)
+        return _rowwise(
+            lambda y: torch.cat([self.flow_head(y), self.vis_conf_head(y)], -1), pts, rows
+        )
 
 
 def _time_attention(block: AttnBlock, x: Tensor, mask: Tensor | None, layout: TokenLayout):
@@ -329,8 +331,9 @@ def _time_attention(block: AttnBlock, x: Tensor, mask: Tensor | None, layout: To
     x += block.mlp(_layer_norm(x))
 
 
-def _virtual_from_points(block: CrossAttnBlock, virt: Tensor, pts: Tensor, layout: TokenLayout,
-                         rows: int) -> Tensor:
+def _virtual_from_points(
+    block: CrossAttnBlock, virt: Tensor, pts: Tensor, layout: TokenLayout, rows: int
+) -> Tensor:
     """Virtual tokens (B T, 64, D) attend to the point tokens of their frame."""
     attn = block.cross_attn
     n, t = layout.points, layout.frames
@@ -352,8 +355,9 @@ def _virtual_from_points(block: CrossAttnBlock, virt: Tensor, pts: Tensor, layou
     return virt + block.mlp(_layer_norm(virt))
 
 
-def _points_from_virtual(block: CrossAttnBlock, x: Tensor, kv: Tensor, mask: Tensor | None,
-                         layout: TokenLayout) -> None:
+def _points_from_virtual(
+    block: CrossAttnBlock, x: Tensor, kv: Tensor, mask: Tensor | None, layout: TokenLayout
+) -> None:
     """Tokens of a chunk of tracks attend to the 64 virtual tokens of their frame (kv: T, 64,
     2D); then the MLP. x is updated in place."""
     attn = block.cross_attn

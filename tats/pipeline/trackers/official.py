@@ -68,8 +68,9 @@ class OfficialCoTracker:
         state = read_state_dict(path)
         window = ONLINE_WINDOW if online else OFFLINE_WINDOW
         model_class = CoTrackerThreeOnline if online else CoTrackerThreeOffline
-        model = model_class(stride=4, corr_radius=3, window_len=window,
-                            model_resolution=tuple(model_resolution))
+        model = model_class(
+            stride=4, corr_radius=3, window_len=window, model_resolution=tuple(model_resolution)
+        )
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -133,8 +134,10 @@ class OfficialCoTracker:
         size = int(round(np.sqrt(len(queries))))
         frames = np.unique(queries[:, 0])
         grid = official_grid(size, h, w, self.model_resolution)
-        if len(frames) != 1 or size * size != len(queries) or not np.allclose(
-            queries[:, 1:], grid, atol=1e-3
+        if (
+            len(frames) != 1
+            or size * size != len(queries)
+            or not np.allclose(queries[:, 1:], grid, atol=1e-3)
         ):
             raise ValueError(
                 "the official predictor adds a support grid to explicit queries: "
