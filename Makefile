@@ -12,8 +12,14 @@ $(BIN)/tats: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(BIN)/tats
-	$(BIN)/python -m tats.demo --out $(DEMO_DIR)
+# The demo: synthetic motion videos, LK tracks, weight-free `pixels` features, a small model
+# (configs/demo.json); a few minutes on a 2-core CPU. Rerunning resumes every stage.
+demo: $(BIN)/tats $(DEMO_DIR)/data/manifest.csv
+	$(BIN)/tats run --manifest $(DEMO_DIR)/data/manifest.csv --out $(DEMO_DIR)/run --tracker lk --grid 8 \
+		--backbone pixels --views 2 --train-config configs/demo.json
+
+$(DEMO_DIR)/data/manifest.csv: | $(BIN)/tats
+	$(BIN)/tats synth --out $(DEMO_DIR)/data --videos-per-class 10
 
 test: $(BIN)/tats
 	$(BIN)/python -m pytest -ra

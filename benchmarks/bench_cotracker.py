@@ -49,22 +49,40 @@ from tats.pipeline.trackers.cotracker3 import build_model
 
 PROCEDURES = {
     # name: (tracker, options, reference for the difference, how it is called)
-    "official_seven": ("official", {"passes": "per_query_frame", "support_grid": False}, None,
-                       "track"),
-    "ours_seven": ("cotracker3", {"passes": "per_query_frame", "support_grid": False,
-                                  "from_query_frame": False}, "official_seven", "track"),
+    "official_seven": (
+        "official",
+        {"passes": "per_query_frame", "support_grid": False},
+        None,
+        "track",
+    ),
+    "ours_seven": (
+        "cotracker3",
+        {"passes": "per_query_frame", "support_grid": False, "from_query_frame": False},
+        "official_seven",
+        "track",
+    ),
     "ours_one_pass": ("cotracker3", {"from_query_frame": False}, "official_seven", "track"),
     "ours_from_query": ("cotracker3", {"from_query_frame": True}, "official_seven", "track"),
     "ours_batched": ("cotracker3", {"from_query_frame": True}, "official_seven", "track_batch"),
     "official_online": ("official", {"online": True}, None, "track"),
-    "ours_online": ("cotracker3-online", {"from_query_frame": False}, "official_online",
-                    "track"),
+    "ours_online": ("cotracker3-online", {"from_query_frame": False}, "official_online", "track"),
     "official_one_pass": ("official", {}, None, "track"),
-    "ours_one_pass_explicit": ("cotracker3", {"from_query_frame": False}, "official_one_pass",
-                               "track"),
+    "ours_one_pass_explicit": (
+        "cotracker3",
+        {"from_query_frame": False},
+        "official_one_pass",
+        "track",
+    ),
 }
-DEFAULT = ["official_seven", "ours_seven", "ours_one_pass", "ours_from_query", "ours_batched",
-           "official_online", "ours_online"]
+DEFAULT = [
+    "official_seven",
+    "ours_seven",
+    "ours_one_pass",
+    "ours_from_query",
+    "ours_batched",
+    "official_online",
+    "ours_online",
+]
 
 
 def random_checkpoint(kind: str, path: Path, seed: int) -> Path:
@@ -103,8 +121,16 @@ def make_clips(args, folder: Path) -> list[dict]:
         queries = Q.make_queries(strategy, args.grid, t, h, w)
         path = folder / f"clip_{len(out)}.npz"
         np.savez(path, frames=frames, queries=queries)
-        out.append({"name": name, "path": str(path), "frames": t, "height": h, "width": w,
-                    "points": len(queries)})
+        out.append(
+            {
+                "name": name,
+                "path": str(path),
+                "frames": t,
+                "height": h,
+                "width": w,
+                "points": len(queries),
+            }
+        )
     return out
 
 
@@ -114,11 +140,16 @@ def worker(args) -> None:
 
     spec = json.loads(Path(args.worker).read_text())
     tracker_name, options, _, call = PROCEDURES[spec["procedure"]]
-    checkpoint = spec["online_checkpoint"] if tracker_name == "cotracker3-online" or (
-        tracker_name == "official" and options.get("online")) else spec["checkpoint"]
+    checkpoint = (
+        spec["online_checkpoint"]
+        if tracker_name == "cotracker3-online"
+        or (tracker_name == "official" and options.get("online"))
+        else spec["checkpoint"]
+    )
     extra = {"max_offline_frames": None} if tracker_name == "cotracker3" else {}
-    tracker = create_tracker(tracker_name, checkpoint=checkpoint, device=spec["device"],
-                             **options, **extra)
+    tracker = create_tracker(
+        tracker_name, checkpoint=checkpoint, device=spec["device"], **options, **extra
+    )
     clips = [np.load(c["path"]) for c in spec["clips"]]
     clips = [(c["frames"], c["queries"]) for c in clips]
     # warm-up (one-off kernel setup) on a short piece of the first clip
@@ -227,9 +258,14 @@ def main() -> None:
         )
         runs, arrays = {}, {}
         for name in procedures:
-            spec = {"procedure": name, "clips": clips, "device": args.device,
-                    "checkpoint": str(checkpoint), "online_checkpoint": str(online),
-                    "result": str(folder / name)}
+            spec = {
+                "procedure": name,
+                "clips": clips,
+                "device": args.device,
+                "checkpoint": str(checkpoint),
+                "online_checkpoint": str(online),
+                "result": str(folder / name),
+            }
             spec_path = folder / f"{name}.spec.json"
             spec_path.write_text(json.dumps(spec))
             print(f"running {name} ...", flush=True)
@@ -264,8 +300,9 @@ def main() -> None:
             rows.append(row)
     report = {
         "benchmark": "TATs tracks with CoTracker3: official procedure vs tats",
-        "clips": [{k: c[k] for k in ("name", "frames", "height", "width", "points")}
-                  for c in clips],
+        "clips": [
+            {k: c[k] for k in ("name", "frames", "height", "width", "points")} for c in clips
+        ],
         "grid": args.grid,
         "queries": args.queries,
         "weights": "given" if args.checkpoint else "random (heads std 0.01)",
@@ -292,13 +329,17 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         diff = vis = keep = speed = "-"
         if "reference" in r:
-            diff = (f"{r['track_diff_px_mean_from_query']:.2e} / "
-                    f"{r['track_diff_px_max_from_query']:.2e} ({r['reference']})")
+            diff = (
+                f"{r['track_diff_px_mean_from_query']:.2e} / "
+                f"{r['track_diff_px_max_from_query']:.2e} ({r['reference']})"
+            )
             vis = f"{r['visibility_agreement_from_query']:.4f}"
             keep = f"{r['filter_agreement']:.4f}"
             speed = f"{r['speedup_vs_reference']:.2f}x"
-        lines.append(f"| {r['procedure']} | {r['seconds_per_clip']:.2f} | {speed} | "
-                     f"{r['peak_rss_mb']:.0f} | {diff} | {vis} | {keep} |")
+        lines.append(
+            f"| {r['procedure']} | {r['seconds_per_clip']:.2f} | {speed} | "
+            f"{r['peak_rss_mb']:.0f} | {diff} | {vis} | {keep} |"
+        )
     return "\n".join(lines)
 
 

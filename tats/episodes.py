@@ -70,10 +70,10 @@ class ReadOptions:
 
     random_view: a random feature view per clip (training), else view 0 (the unaugmented one).
     fresh_subset: draw a new random subset of the clip's points on every read instead of the
-    stored 256-subset. tracks_mode "frozen" keeps every point at its position of the first
-    stored frame it exists at: a fixed grid, the appearance-only baseline. mask "query": a
-    point exists from its query frame on (the original's query mask); "visible": only where
-    the tracker saw it.
+    stored 256-subset. tracks_mode "frozen" is the appearance-only baseline: the first query
+    frame's grid of points, fixed where it starts and present at every frame (fresh_subset and
+    mask do not apply to it). mask "query": a point exists from its query frame on (the
+    original's query mask); "visible": only where the tracker saw it.
     """
 
     random_view: bool = False
@@ -115,7 +115,10 @@ def episode_rng(seed: int, split: str, epoch: int, index: int, rank: int) -> np.
 
 
 def draw_episode(
-    classes: SplitClasses, spec: EpisodeSpec, views: int, random_view: bool,
+    classes: SplitClasses,
+    spec: EpisodeSpec,
+    views: int,
+    random_view: bool,
     rng: np.random.Generator,
 ) -> Episode:
     """Draw `spec.way` classes, then `spec.per_class` distinct clips of each."""
@@ -195,7 +198,8 @@ class EpisodeData:
         # Small arrays, read whole: a slice reads each shard once.
         frames = track_store.group["frames"][:]
         frame_size = track_store.group["frame_size"][:]
-        for name, t_values in (("frames", frames), ("num_frames", track_store.group["num_frames"][:])):
+        for name in ("frames", "num_frames"):
+            t_values = frames if name == "frames" else track_store.group[name][:]
             f_values = feature_store.group[name][:]
             differ = (t_values[usable] != f_values[usable]).reshape(len(usable), -1).any(axis=1)
             if differ.any():
@@ -235,12 +239,9 @@ class EpisodeData:
         with a warning, and fewer than `way` classes left is an error."""
         names = tuple(self.manifest.classes(split))
         usable = set(self.usable.tolist())
+        split_rows = [r for r in self.manifest.split_rows(split) if r.row in usable]
         rows = tuple(
-            np.array(
-                [r.row for r in self.manifest.split_rows(split) if r.label == c and r.row in usable],
-                dtype=np.int64,
-            )
-            for c in names
+            np.array([r.row for r in split_rows if r.label == c], dtype=np.int64) for c in names
         )
         counts = np.array([len(r) for r in rows], dtype=np.int64)
         drawable = np.flatnonzero(counts >= per_class)
@@ -272,8 +273,16 @@ class EpisodeData:
         and 0 in evaluation, where ranks split one set of episodes by index)."""
         classes = classes or self.classes(split, spec.per_class, spec.way)
         return EpisodeDataset(
-            self.tracks.path, self.features.path, classes, spec, options, self.frames,
-            self.frame_size, self.views, seed, rank,
+            self.tracks.path,
+            self.features.path,
+            classes,
+            spec,
+            options,
+            self.frames,
+            self.frame_size,
+            self.views,
+            seed,
+            rank,
         )
 
 
@@ -319,33 +328,35 @@ class EpisodeDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         episode = self.episode(*key)
-        clips = [
-            self.read_clip(int(row), int(view), int(seed))
-            for row, view, seed in zip(
-                episode.rows, episode.views, episode.subset_seeds, strict=True
-            )
-        ]
-        features, positions, mask = (np.stack(parts) for parts in zip(*clips, strict=True))
+        features, positions, mask = [], [], []
+        for row, view, seed in zip(episode.rows, episode.views, episode.subset_seeds, strict=True):
+            features.append(self.read_features(int(row), int(view)))
+            clip_positions, clip_mask = self.read_tracks(int(row), int(seed))
+            positions.append(clip_positions)
+            mask.append(clip_mask)
         return {
-            "features": torch.from_numpy(features),
-            "positions": torch.from_numpy(positions),
-            "mask": torch.from_numpy(mask),
+            "features": torch.from_numpy(np.stack(features)),
+            "positions": torch.from_numpy(np.stack(positions)),
+            "mask": torch.from_numpy(np.stack(mask)),
             "labels": torch.from_numpy(episode.labels),
             "classes": torch.from_numpy(episode.classes),
             "rows": torch.from_numpy(episode.rows),
             "key": torch.tensor(key, dtype=torch.int64),
         }
 
-    def read_clip(
-        self, row: int, view: int, subset_seed: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One clip: features [S, h, w, C], positions [S, P, 2] in [-1, 1], mask [S, P]."""
-        tracks, features = self._open()
+    def read_features(self, row: int, view: int) -> np.ndarray:
+        """One clip's patch grids [S, h, w, C] of one view."""
+        return np.asarray(self._open()[1][row, view])
+
+    def read_tracks(self, row: int, subset_seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """One clip's points: positions [S, P, 2] in [-1, 1] and mask [S, P]."""
         opt = self.options
+        if opt.tracks_mode == "frozen":
+            return self._fixed_grid(row)
         names = ["positions", "query_frame", "subset"]
         names += ["visible"] if opt.mask == "visible" else []
         names += ["valid"] if opt.fresh_subset else []
-        t = tracks.read_row(row, tuple(names))
+        t = self._open()[0].read_row(row, tuple(names))
         subset = t["subset"]
         if opt.fresh_subset:
             kept = int(t["valid"].sum())  # kept points come first
@@ -354,16 +365,33 @@ class EpisodeDataset(Dataset):
             subset[:take] = np.random.default_rng(subset_seed).choice(kept, take, replace=False)
         real = subset >= 0
         index = np.where(real, subset, 0)
-        exists = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
-        mask = t["visible"][:, index] & real if opt.mask == "visible" else exists
-        positions = t["positions"][:, index]
-        if opt.tracks_mode == "frozen":
-            first = exists.argmax(axis=0)  # the first stored frame each point exists at
-            positions = np.broadcast_to(positions[first, np.arange(len(index))], positions.shape)
+        if opt.mask == "visible":
+            mask = t["visible"][:, index] & real
+        else:
+            mask = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
+        positions = self._normalised(t["positions"][:, index], row)
+        return np.where(real[None, :, None], positions, 0).astype(np.float32), mask
+
+    def _fixed_grid(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The appearance-only baseline: the first query frame's grid of points, fixed where
+        it starts, at every frame. Neither the points kept from later query frames nor their
+        query frames take part, as both depend on the motion."""
+        tracks = self._open()[0]
+        t = tracks.read_row(row, ("positions", "query_frame"))
+        first = t["query_frame"][0]  # kept points come first, the first query frame's first
+        count = tracks.fields["subset"].shape[0]
+        grid = np.flatnonzero(t["query_frame"] == first)[:count] if first >= 0 else []
+        start = int(np.argmax(self.frames[row] >= first))
+        positions = np.zeros((len(self.frames[row]), count, 2), np.float32)
+        positions[:, : len(grid)] = self._normalised(t["positions"][start, grid], row)
+        mask = np.zeros(positions.shape[:2], bool)
+        mask[:, : len(grid)] = True
+        return positions, mask
+
+    def _normalised(self, xy: np.ndarray, row: int) -> np.ndarray:
+        """Pixel (x, y) -> [-1, 1] by the decoded frame size, as the original."""
         height, width = self.frame_size[row]
-        scale = np.array([width, height], np.float32)
-        positions = np.where(real[None, :, None], positions / scale * 2 - 1, 0).astype(np.float32)
-        return np.asarray(features[row, view]), positions, mask
+        return xy / np.array([width, height], np.float32) * 2 - 1
 
 
 class EpisodeKeys(Sampler):

@@ -217,11 +217,12 @@ class TATsModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters the original exempts from weight decay: only the CLS token.
+        """Parameters trained without weight decay: the position embeddings and the CLS token.
 
-        (Its list also names 'pos_embed' and 'temp_embed', which match no parameter.)
+        The original meant to exempt its position embeddings but named 'pos_embed' and
+        'temp_embed', which match no parameter; everything else decays, as there.
         """
-        return {"cls_token"}
+        return {"space_pos_embed", "time_pos_embed", "cls_token"}
 
     def sample_tokens(self, features: Tensor, positions: Tensor) -> Tensor:
         """Position-embedded patch grids sampled at the tracks.

@@ -38,11 +38,20 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class Field:
-    """One array of a store: its shape and dtype per row, and its value in unwritten rows."""
+    """One array of a store: its shape and dtype per row, and its value in unwritten rows.
+
+    A chunk holds one row, or the first `split` axes of a row go one index per chunk (a
+    features chunk is one view of one video, so a reader of one view decodes only that).
+    """
 
     shape: tuple[int, ...]
     dtype: str
     fill: Any = 0
+    split: int = 0
+
+    @property
+    def chunk(self) -> tuple[int, ...]:
+        return (1,) * self.split + self.shape[self.split :]
 
 
 def tracks_fields(frames: int, points: int, subset: int) -> dict[str, Field]:
@@ -66,7 +75,7 @@ def tracks_fields(frames: int, points: int, subset: int) -> dict[str, Field]:
 def features_fields(views: int, frames: int, grid: int, dim: int) -> dict[str, Field]:
     """features.zarr: patch grids of `views` views of the stored frames."""
     return {
-        "features": Field((views, frames, grid, grid, dim), "float16"),
+        "features": Field((views, frames, grid, grid, dim), "float16", split=1),
         "frames": Field((frames,), "int32", -1),
         "num_frames": Field((), "int32", 0),
         "view_seed": Field((views,), "int64", -1),
@@ -84,18 +93,18 @@ class RowStore:
         self.num_rows: int = self.attrs["num_rows"]
         self.shard_size: int = self.attrs["shard_size"]
         self.fields: dict[str, Field] = {
-            name: Field(tuple(spec["shape"]), spec["dtype"], spec["fill"])
+            name: Field(tuple(spec["shape"]), spec["dtype"], spec["fill"], spec["split"])
             for name, spec in self.attrs["fields"].items()
         }
         self._arrays = {name: group[name] for name in self.fields}
 
     @classmethod
-    def open(cls, path: str | Path, schema: str | None = None) -> RowStore:
-        """Open an existing store for reading (and for writing rows of the same config)."""
+    def open(cls, path: str | Path, schema: str | None = None, writable: bool = False) -> RowStore:
+        """Open an existing store for reading (or, `writable`, for writing its rows)."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a tats store (no zarr.json)")
-        group = zarr.open_group(str(path), mode="r+")
+        group = zarr.open_group(str(path), mode="r+" if writable else "r")
         found = group.attrs.get("schema")
         if found not in (TRACKS, FEATURES):
             raise StoreError(f"{path}: not a tats store (schema {found!r})")
@@ -128,7 +137,7 @@ class RowStore:
         path = Path(path)
         if not path.exists():
             cls._create(path, schema, fields, num_rows, shard_size, provenance)
-        store = cls.open(path, schema)
+        store = cls.open(path, schema, writable=True)
         problems = _differences(store.attrs["provenance"], _jsonable(provenance))
         if problems:
             raise StoreError(
@@ -147,7 +156,7 @@ class RowStore:
             group.create_array(
                 name,
                 shape=(num_rows, *field.shape),
-                chunks=(1, *field.shape),
+                chunks=(1, *field.chunk),
                 shards=(shard_size, *field.shape),
                 dtype=field.dtype,
                 fill_value=field.fill,
@@ -160,7 +169,12 @@ class RowStore:
                 "num_rows": num_rows,
                 "shard_size": shard_size,
                 "fields": {
-                    name: {"shape": list(f.shape), "dtype": f.dtype, "fill": f.fill}
+                    name: {
+                        "shape": list(f.shape),
+                        "dtype": f.dtype,
+                        "fill": f.fill,
+                        "split": f.split,
+                    }
                     for name, f in fields.items()
                 },
                 "provenance": _jsonable(provenance),

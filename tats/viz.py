@@ -16,7 +16,6 @@ def plot_history(history: Sequence[dict], out_dir: str | Path) -> list[Path]:
     """loss.png (total, episode and CLS losses) and accuracy.png (train and val) per epoch."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    epochs = [r["epoch"] for r in history]
     paths = []
     panels = [
         ("loss.png", "loss", [("loss", "total"), ("episode_loss", "episode"), ("cls_loss", "CLS")]),
@@ -29,7 +28,7 @@ def plot_history(history: Sequence[dict], out_dir: str | Path) -> list[Path]:
     for name, ylabel, series in panels:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key, label in series:
-            points = [(e, r[key]) for e, r in zip(epochs, history, strict=True) if r[key] is not None]
+            points = [(r["epoch"], r[key]) for r in history if r[key] is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
         ax.set_xlabel("epoch")
@@ -60,8 +59,9 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: str | Pa
         for i, j in np.ndindex(rates.shape):
             if counts[i, j]:
                 colour = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color=colour)
+                ax.text(
+                    j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=6, color=colour
+                )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -38,7 +38,7 @@ def synth_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_stores(synth_dataset, tmp_path_factory) -> SynthStores:
-    """Stores of `synth_dataset`: LK tracks (8 x 8 grids, 96-point subsets: some clips have
+    """Stores of `synth_dataset`: LK tracks (6 x 6 grids, 48-point subsets: some clips have
     fewer points and are padded, some more) and `pixels` features (2 views, 8 x 8 x 64 grids).
     Read-only: copy a store before changing it."""
     from tats.manifest import read_manifest
@@ -48,7 +48,7 @@ def synth_stores(synth_dataset, tmp_path_factory) -> SynthStores:
 
     out = tmp_path_factory.mktemp("synth_stores")
     manifest = read_manifest(synth_dataset)
-    tracks_config = TracksConfig(tracker="lk", grid=8, min_distance=4, subset=96, shard_size=16)
+    tracks_config = TracksConfig(tracker="lk", grid=6, min_distance=4, subset=48, shard_size=16)
     features_config = FeaturesConfig(
         backbone="pixels", views=2, preprocess=Preprocess(size=112), shard_size=16
     )

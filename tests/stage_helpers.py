@@ -43,19 +43,29 @@ def finish(run: subprocess.Popen) -> tuple[int, str, str]:
     return run.returncode, stdout, stderr
 
 
+def run_timed(stage: str, manifest, out: Path, options: list[str]) -> float:
+    """Run the stage to the end; its wall time in seconds."""
+    tic = time.perf_counter()
+    code, _, stderr = finish(start(stage, manifest, out, *options))
+    assert code == 0, stderr
+    return time.perf_counter() - tic
+
+
 def kill_repeatedly(
-    stage: str, manifest, out: Path, options: list[str], seed: int, kills: int = 5
+    stage: str, manifest, out: Path, options: list[str], duration: float, seed: int, kills: int = 5
 ) -> int:
     """Start the stage and SIGKILL it at random moments until `kills` kills or it finishes.
 
-    Checks after every kill that no unit recorded as finished was redone; returns the kills.
+    Kill moments are drawn within the first half of `duration`, the wall time of a whole
+    uninterrupted run (start-up included), so a run is killed at any stage of its life on any
+    machine. Checks after every kill that no unit recorded as finished was redone.
     """
     rng = np.random.default_rng(seed)
     finished: dict[str, str] = {}
     done = 0
     while done < kills:
         run = start(stage, manifest, out, *options)
-        time.sleep(rng.uniform(1.5, 6.0))
+        time.sleep(rng.uniform(0.15, 0.55) * duration)
         if run.poll() is not None:
             break
         run.send_signal(signal.SIGKILL)

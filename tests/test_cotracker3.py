@@ -54,12 +54,19 @@ def official_shapes(window: int = 60) -> dict[str, tuple[int, ...]]:
     linear("updateformer.input_transform", 384, 1110)
     linear("updateformer.flow_head", 2, 384)
     linear("updateformer.vis_conf_head", 2, 384)
-    for group in ("time_blocks", "space_virtual_blocks", "space_point2virtual_blocks",
-                  "space_virtual2point_blocks"):
+    for group in (
+        "time_blocks",
+        "space_virtual_blocks",
+        "space_point2virtual_blocks",
+        "space_virtual2point_blocks",
+    ):
         for i in range(3):
             name = f"updateformer.{group}.{i}"
-            attn = f"{name}.attn" if group in ("time_blocks", "space_virtual_blocks") else (
-                f"{name}.cross_attn")
+            attn = (
+                f"{name}.attn"
+                if group in ("time_blocks", "space_virtual_blocks")
+                else (f"{name}.cross_attn")
+            )
             if attn.endswith("cross_attn"):
                 shapes[f"{name}.norm_context.weight"] = shapes[f"{name}.norm_context.bias"] = (384,)
             linear(f"{attn}.to_q", 384, 384)
@@ -136,13 +143,19 @@ def test_the_official_key_set_loads_strictly(tmp_path, kind, window):
 def test_a_wrong_checkpoint_fails_naming_the_first_mismatch(tmp_path):
     state = {k: torch.randn(shape) for k, shape in official_shapes(60).items()}
     cases = {
-        "missing": ({k: v for k, v in state.items() if k != "fnet.conv1.bias"},
-                    "missing key 'fnet.conv1.bias'"),
+        "missing": (
+            {k: v for k, v in state.items() if k != "fnet.conv1.bias"},
+            "missing key 'fnet.conv1.bias'",
+        ),
         "extra": ({**state, "head.weight": torch.zeros(1)}, "unexpected key 'head.weight'"),
-        "shape": ({**state, "corr_mlp.fc1.weight": torch.zeros(384, 2400)},
-                  "'corr_mlp.fc1.weight' has shape (384, 2400), expected (384, 2401)"),
-        "online": ({**state, "time_emb": torch.zeros(1, 16, 1110)},
-                   "(this looks like the online checkpoint)"),
+        "shape": (
+            {**state, "corr_mlp.fc1.weight": torch.zeros(384, 2400)},
+            "'corr_mlp.fc1.weight' has shape (384, 2400), expected (384, 2401)",
+        ),
+        "online": (
+            {**state, "time_emb": torch.zeros(1, 16, 1110)},
+            "(this looks like the online checkpoint)",
+        ),
     }
     for name, (bad, message) in cases.items():
         path = tmp_path / f"{name}.pth"
@@ -174,8 +187,10 @@ def test_weights_come_from_the_checkpoint_else_the_hub_cache(weights, hub_checkp
     assert found.identity.mode.startswith("offline;")  # no online weights: no windows fallback
     (hub_checkpoints / "scaled_online.pth").write_bytes(weights["online"].read_bytes())
     armed = create_tracker("cotracker3", model_resolution=RES, max_offline_frames=100)
-    assert f"online windows above 100 frames (online sha256 {file_sha256(weights['online'])})" \
+    assert (
+        f"online windows above 100 frames (online sha256 {file_sha256(weights['online'])})"
         in armed.identity.mode
+    )
 
 
 def test_the_registry_names_all_three_trackers(weights):
@@ -186,9 +201,13 @@ def test_the_registry_names_all_three_trackers(weights):
 
 
 def test_the_official_adapter_needs_the_official_package(weights, monkeypatch):
-    for module in ("cotracker", "cotracker.predictor", "cotracker.models.core.cotracker",
-                   "cotracker.models.core.cotracker.cotracker3_offline",
-                   "cotracker.models.core.cotracker.cotracker3_online"):
+    for module in (
+        "cotracker",
+        "cotracker.predictor",
+        "cotracker.models.core.cotracker",
+        "cotracker.models.core.cotracker.cotracker3_offline",
+        "cotracker.models.core.cotracker.cotracker3_online",
+    ):
         monkeypatch.setitem(__import__("sys").modules, module, None)
     with pytest.raises(ImportError, match="pip install git\\+https://github.com/facebookresearch"):
         create_tracker("official", checkpoint=weights["offline"])
@@ -291,8 +310,9 @@ def test_bf16_autocast_stays_close_to_fp32(weights):
 def test_long_clips_go_through_online_windows_with_bounded_features(weights):
     frames = synth_clip(frames=20, index=3)
     queries = grid_queries([0, 9, 17], 2, 48, 80)
-    ours = tracker(weights, max_offline_frames=12, online_checkpoint=weights["online"],
-                   support_grid=False)
+    ours = tracker(
+        weights, max_offline_frames=12, online_checkpoint=weights["online"], support_grid=False
+    )
     assert ours.mode_for(12) == "offline" and ours.mode_for(20) == "online"
     assert "online windows above 12 frames" in ours.identity.mode
     net = ours.online_net
@@ -332,16 +352,37 @@ def test_tats_extract_tracks_with_cotracker3_fills_the_store(tmp_path):
 
     manifest = generate(
         SynthConfig(classes=3, videos_per_class=1, frames=6, width=64, height=48),
-        tmp_path / "synth", progress=False,
+        tmp_path / "synth",
+        progress=False,
     )
     torch.manual_seed(0)
     torch.save(build_model("offline").state_dict(), tmp_path / "W.pth")
     out = tmp_path / "tracks.zarr"
     run = subprocess.run(
-        [EXTRACT, "tracks", "--manifest", str(manifest), "--out", str(out), "--tracker",
-         "cotracker3", "--checkpoint", str(tmp_path / "W.pth"), "--grid", "4", "--queries",
-         "uniform:3", "--subset", "16", "--workers", "0", "--no-progress"],
-        capture_output=True, text=True, timeout=900,
+        [
+            EXTRACT,
+            "tracks",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--tracker",
+            "cotracker3",
+            "--checkpoint",
+            str(tmp_path / "W.pth"),
+            "--grid",
+            "4",
+            "--queries",
+            "uniform:3",
+            "--subset",
+            "16",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert run.returncode == 0, run.stderr
     stored = arrays(out)

@@ -72,9 +72,11 @@ def compare(ours, official, label: str) -> None:
     (tracks, visible), (ref_tracks, ref_visible) = ours, official
     diff = np.linalg.norm(tracks - ref_tracks, axis=-1)
     ties = int((visible != ref_visible).sum())
-    print(f"\n{label}: track diff mean {diff.mean():.2e} px, max {diff.max():.2e} px; "
-          f"visibility {ties} of {visible.size} differ; visible {ref_visible.mean():.2f}; "
-          f"motion {np.linalg.norm(ref_tracks - ref_tracks[:1], axis=-1).mean():.2f} px")
+    print(
+        f"\n{label}: track diff mean {diff.mean():.2e} px, max {diff.max():.2e} px; "
+        f"visibility {ties} of {visible.size} differ; visible {ref_visible.mean():.2f}; "
+        f"motion {np.linalg.norm(ref_tracks - ref_tracks[:1], axis=-1).mean():.2f} px"
+    )
     assert diff.mean() < 1e-3 and diff.max() < 1e-2
     assert ties <= max(1, visible.size // 1000)
 
@@ -83,8 +85,10 @@ def test_the_official_checkpoint_layout_is_the_one_tats_loads():
     from cotracker.models.core.cotracker.cotracker3_offline import CoTrackerThreeOffline
     from cotracker.models.core.cotracker.cotracker3_online import CoTrackerThreeOnline
 
-    for cls, kind, window in ((CoTrackerThreeOffline, "offline", 60),
-                              (CoTrackerThreeOnline, "online", 16)):
+    for cls, kind, window in (
+        (CoTrackerThreeOffline, "offline", 60),
+        (CoTrackerThreeOnline, "online", 16),
+    ):
         official = cls(stride=4, corr_radius=3, window_len=window).state_dict()
         shapes = {k: tuple(v.shape) for k, v in official.items()}
         assert shapes == official_shapes(window)
@@ -97,8 +101,10 @@ def test_the_official_checkpoint_layout_is_the_one_tats_loads():
     "mode, options",
     [
         ("offline, explicit queries, one pass", {}),
-        ("offline, grid queries, one call per query frame",
-         {"passes": "per_query_frame", "support_grid": False}),
+        (
+            "offline, grid queries, one call per query frame",
+            {"passes": "per_query_frame", "support_grid": False},
+        ),
         ("online windows, explicit queries", {"online": True}),
     ],
 )
@@ -112,13 +118,19 @@ def test_tats_matches_the_official_predictor(weights, clip_name, mode, options):
         queries = explicit_queries(frames)
     kind = "online" if online else "offline"
     ours_options = {k: v for k, v in options.items() if k != "online"}
-    ours = create_tracker("cotracker3-online" if online else "cotracker3",
-                          checkpoint=weights[kind], model_resolution=RES,
-                          from_query_frame=False, **ours_options)
-    official = create_tracker("official", checkpoint=weights[kind], model_resolution=RES,
-                              **options)
-    compare(ours.track(frames, queries), official.track(frames, queries),
-            f"{mode}, {clip_name} clip {w}x{h}x{t}")
+    ours = create_tracker(
+        "cotracker3-online" if online else "cotracker3",
+        checkpoint=weights[kind],
+        model_resolution=RES,
+        from_query_frame=False,
+        **ours_options,
+    )
+    official = create_tracker("official", checkpoint=weights[kind], model_resolution=RES, **options)
+    compare(
+        ours.track(frames, queries),
+        official.track(frames, queries),
+        f"{mode}, {clip_name} clip {w}x{h}x{t}",
+    )
 
 
 def test_tats_matches_the_official_predictor_at_full_resolution(weights):
@@ -126,5 +138,8 @@ def test_tats_matches_the_official_predictor_at_full_resolution(weights):
     queries = explicit_queries(frames, 12)
     ours = create_tracker("cotracker3", checkpoint=weights["full"], from_query_frame=False)
     official = create_tracker("official", checkpoint=weights["full"])
-    compare(ours.track(frames, queries), official.track(frames, queries),
-            "offline at 384x512, explicit queries")
+    compare(
+        ours.track(frames, queries),
+        official.track(frames, queries),
+        "offline at 384x512, explicit queries",
+    )

@@ -39,7 +39,7 @@ def test_spec_rejects_bad_values():
 
 def test_store_facts(data):
     assert (data.num_frames, data.grid, data.feature_dim, data.views, data.points) == (
-        8, (8, 8), 64, 2, 96,
+        8, (8, 8), 64, 2, 48,
     )  # fmt: skip
     assert len(data.usable) == len(data.manifest.rows) == 72
 
@@ -82,12 +82,13 @@ def test_clip_inputs_match_the_stores(data, synth_stores):
     batch = dataset[(0, 3)]
     features, positions, mask = batch["features"], batch["positions"], batch["mask"]
     assert features.dtype == torch.float16 and features.shape == (12, 8, 8, 8, 64)
-    assert positions.dtype == torch.float32 and positions.shape == (12, 8, 96, 2)
-    assert mask.dtype == torch.bool and mask.shape == (12, 8, 96)
+    assert positions.dtype == torch.float32 and positions.shape == (12, 8, 48, 2)
+    assert mask.dtype == torch.bool and mask.shape == (12, 8, 48)
     padded = 0
     for i, row in enumerate(batch["rows"].tolist()):
         t = data.tracks.read_row(row)
-        assert torch.equal(features[i], torch.from_numpy(data.features.read_row(row)["features"][0]))
+        stored = data.features.read_row(row)["features"][0]
+        assert torch.equal(features[i], torch.from_numpy(stored))
         subset = t["subset"]
         real = subset >= 0
         height, width = t["frame_size"]
@@ -105,17 +106,24 @@ def test_clip_inputs_match_the_stores(data, synth_stores):
     assert visible.sum() > 0.9 * mask.sum()
 
 
-def test_frozen_tracks_stay_where_they_start(data):
+def test_frozen_tracks_are_a_fixed_grid(data):
     moving = data.dataset("train", SPEC, ReadOptions(), seed=0)[(0, 0)]
     frozen = data.dataset("train", SPEC, ReadOptions(tracks_mode="frozen"), seed=0)[(0, 0)]
-    assert torch.equal(frozen["mask"], moving["mask"])
     assert torch.equal(frozen["features"], moving["features"])
     positions, mask = frozen["positions"], frozen["mask"]
-    assert (positions == positions[:, :1]).all()  # constant over the frames
-    first = mask.int().argmax(dim=1)  # [n, P] first frame each point exists at
-    start = torch.gather(moving["positions"], 1, first[:, None, :, None].expand(-1, 1, -1, 2))
-    assert torch.equal(positions[:, 0], start[:, 0])
-    assert (moving["positions"] != moving["positions"][:, :1]).any()  # the tracks did move
+    # The first query frame's 6 x 6 grid, the same in every clip (all are 64 x 64 px), fixed in
+    # place and present at every frame; the rest is padding.
+    assert (positions == positions[:, :1]).all() and (positions == positions[:1]).all()
+    assert mask[:, :, :36].all() and not mask[:, :, 36:].any()
+    assert (positions[:, :, 36:] == 0).all()
+    row = int(frozen["rows"][0])
+    t = data.tracks.read_row(row)
+    assert (t["query_frame"][:36] == 0).all() and t["query_frame"][36] > 0
+    expected = t["positions"][0, :36] / 64 * 2 - 1
+    np.testing.assert_allclose(positions[0, 0, :36].numpy(), expected, rtol=1e-6)
+    xs, ys = np.unique(expected[:, 0]), np.unique(expected[:, 1])
+    assert len(xs) == len(ys) == 6  # a regular grid
+    assert (moving["positions"] != moving["positions"][:, :1]).any()  # the tracks do move
 
 
 def test_visible_mask_and_fresh_subsets(data):
@@ -131,16 +139,16 @@ def test_visible_mask_and_fresh_subsets(data):
     np.testing.assert_array_equal(
         visible[key]["mask"][0, :, real].numpy(), t["visible"][:, subset[real]]
     )
-    a = fresh.read_clip(row, 0, subset_seed=1)[1]
-    b = fresh.read_clip(row, 0, subset_seed=2)[1]
+    a = fresh.read_tracks(row, subset_seed=1)[0]
+    b = fresh.read_tracks(row, subset_seed=2)[0]
     assert not np.array_equal(a, b)
-    np.testing.assert_array_equal(a, fresh.read_clip(row, 0, subset_seed=1)[1])
+    np.testing.assert_array_equal(a, fresh.read_tracks(row, subset_seed=1)[0])
     # A fresh subset takes min(P, kept) distinct kept points.
     kept = int(t["valid"].sum())
     scale = np.array(t["frame_size"][::-1], np.float32)
     points = {tuple(np.round(p, 5)) for p in (t["positions"][0, :kept] / scale * 2 - 1)}
-    drawn = [tuple(np.round(p, 5)) for p in a[0, : min(96, kept)]]
-    assert set(drawn) <= points and len(set(drawn)) == min(96, kept)
+    drawn = [tuple(np.round(p, 5)) for p in a[0, : min(48, kept)]]
+    assert set(drawn) <= points and len(set(drawn)) == min(48, kept)
     assert fresh[key]["positions"].shape == stored[key]["positions"].shape
 
 

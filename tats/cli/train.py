@@ -6,6 +6,7 @@ the long option names), then the command line. Run under `torchrun --nproc_per_n
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -25,7 +26,14 @@ def _steps(text: str | None) -> list[int] | None:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise fail(f"--lr-steps: expected epochs separated by commas (e.g. 20,40), got {text!r}")
+        raise fail(
+            f"--lr-steps: expected epochs separated by commas (e.g. 20,40), got {text!r}"
+        ) from None
+
+
+def _main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 @app.callback(invoke_without_command=True)
@@ -35,7 +43,9 @@ def main(
     manifest: Path = typer.Option(None, "--manifest", "-m", help="The dataset manifest CSV."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (eval-only: output folder)."),
     config: Path = typer.Option(None, help="Options from a JSON or TOML file."),
-    eval_only: bool = typer.Option(False, help="Only evaluate --checkpoint on the test split."),
+    eval_only: bool = typer.Option(
+        False, "--eval-only", help="Only evaluate --checkpoint on the test split."
+    ),
     checkpoint: Path = typer.Option(None, help="Checkpoint for --eval-only."),
     way: int = typer.Option(None, help="Classes per episode [5]."),
     shot: int = typer.Option(None, help="Support clips per class [1]."),
@@ -46,7 +56,9 @@ def main(
     val_episodes: int = typer.Option(None, help="Val episodes after each epoch; 0: none [1000]."),
     test_episodes: int = typer.Option(None, help="Test episodes at the end; 0: none [10000]."),
     tracks_mode: str = typer.Option(
-        None, help="tracks, or frozen: points fixed where they start (appearance baseline)."
+        None,
+        help="tracks [default], or frozen: the first query frame's grid fixed where it "
+        "starts (the appearance-only baseline).",
     ),
     mask: str = typer.Option(
         None, help="query: points exist from their query frame on [default]; visible."
@@ -79,13 +91,10 @@ def main(
     resume: bool = typer.Option(None, "--resume", help="Continue the run in --out."),
 ) -> None:
     """Train on the train split, select on val, evaluate on test; or --eval-only."""
+    options = {k: v for k, v in locals().items() if k not in ("config", "eval_only", "checkpoint")}
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
     from tats.train import config_from_dict, evaluate, read_config_file, train
 
-    given = {k: v for k, v in locals().items() if v is not None}
-    for name in ("config", "eval_only", "checkpoint", "train", "evaluate", "read_config_file",
-                 "config_from_dict"):
-        given.pop(name, None)
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
     if "lr_steps" in given:
         given["lr_steps"] = _steps(given["lr_steps"])
     with input_errors():
@@ -105,12 +114,16 @@ def main(
                 queries=values.get("test_queries"), seed=values.get("seed", 0),
                 workers=values.get("workers", 2), device=values.get("device", "auto"),
             )  # fmt: skip
-            typer.echo(
-                f"test: {result.accuracy:.2f} +- {result.ci95:.2f}% over {result.episodes} "
-                f"{result.way}-way {result.shot}-shot episodes; wrote {values['out']}/metrics.json"
-            )
+            if _main_process():
+                typer.echo(
+                    f"test: {result.accuracy:.2f} +- {result.ci95:.2f}% over {result.episodes} "
+                    f"{result.way}-way {result.shot}-shot episodes; wrote "
+                    f"{values['out']}/metrics.json"
+                )
             raise typer.Exit(OK)
-        run = train(config_from_dict(values, str(config) if config else "options"))
+        run = train(config_from_dict(values, str(config) if config else None))
+    if not _main_process():
+        return
     best = "" if run.best_val_accuracy is None else f" (val {run.best_val_accuracy:.2f}%)"
     typer.echo(f"best checkpoint: {run.best_checkpoint}, epoch {run.best_epoch}{best}")
     if run.test is not None:

@@ -71,7 +71,7 @@ def extract(
 
 
 def _run_unit_remotely(recipe: Recipe, manifest: Manifest, out: str, unit: int) -> RunSummary:
-    store = RowStore.open(out)
+    store = RowStore.open(out, writable=True)
     return run_stage(build_stage(recipe), store, manifest, [unit], workers=0, progress=False)
 
 
