@@ -8,9 +8,10 @@ that its peak memory is its own):
 
   official_seven   the official predictor, one grid-mode call per query frame (original TATs)
   ours_seven       tats' CoTracker3, same seven passes (feature CNN once per clip)
-  ours_one_pass    tats' CoTracker3, all query frames in one pass (the pipeline's default)
-  ours_from_query  one pass, each point tracked only from its query frame on
-  ours_batched     one pass, all clips in one `track_batch` call
+  ours_one_pass    tats' CoTracker3, all query frames in one pass, whole clips (exact mode)
+  ours_from_query  one pass, each point tracked only from its query frame on (the default of
+                   `tats-extract tracks --tracker cotracker3`)
+  ours_batched     as ours_from_query, all clips in one `track_batch` call
   official_online  the official online predictor over 16-frame windows (step 8), as its demo
   ours_online      tats' CoTracker3 online, same windows: parity of the online model
   official_one_pass, ours_one_pass_explicit (on request): parity of explicit queries with the

@@ -18,10 +18,10 @@ from tats.pipeline.trackers.cotracker3 import (
     CHECKPOINT_URL,
     CheckpointError,
     build_model,
-    file_sha256,
     load_model,
     official_grid,
 )
+from tats.pipeline.weights import file_sha256
 from tats.synth import MOTIONS, SynthConfig, make_video
 
 RES = (64, 96)

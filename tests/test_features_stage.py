@@ -21,9 +21,9 @@ from test_backbones import official_forward, official_state_dict, original_prepr
 
 from tats.manifest import read_manifest, write_manifest
 from tats.pipeline.augment import AugmentConfig, augment_clip, view_seed
-from tats.pipeline.backbones import file_sha256
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.status import store_status, verify_store
+from tats.pipeline.weights import file_sha256
 from tats.stores import RowStore
 from tats.synth import SynthConfig, generate
 from tats.video import probe, read_frames, stored_frames, timeline

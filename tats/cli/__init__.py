@@ -13,6 +13,6 @@ app = typer.Typer(
 )
 app.add_typer(manifest.app, name="manifest")
 app.add_typer(extract.app, name="extract")
-app.add_typer(train.app, name="train")
+app.command("train", help=train.HELP)(train.main)
 app.command("synth")(synth.synth)
 app.command("run")(run.run)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import typer
+
+# Commands print library warnings as one plain line, not as source locations.
+warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 # Exit codes of the extraction and training commands.
 OK, SOME_FAILED, BAD_INPUT = 0, 1, 2

@@ -12,6 +12,7 @@ app = typer.Typer(
     help="Dataset manifests (CSV: video_id,path,label,split): check one, or import split lists.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 

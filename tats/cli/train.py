@@ -13,11 +13,12 @@ import typer
 
 from tats.cli.common import OK, fail, input_errors
 
-app = typer.Typer(
-    help="Stage two: train the TATs few-shot model on tracks.zarr + features.zarr, select it on "
-    "the val split, evaluate it on the test split. --eval-only evaluates a checkpoint.",
-    add_completion=False,
+HELP = (
+    "Stage two: train the TATs few-shot model on tracks.zarr + features.zarr, select it on the "
+    "val split, evaluate it on the test split. --eval-only evaluates a checkpoint. Options come "
+    "from the defaults, then --config FILE, then the command line; run under torchrun for DDP."
 )
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 def _steps(text: str | None) -> list[int] | None:
@@ -36,7 +37,7 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-@app.callback(invoke_without_command=True)
+@app.command(help=HELP)
 def main(
     tracks: Path = typer.Option(None, help="The tracks store (tats-extract tracks)."),
     features: Path = typer.Option(None, help="The features store (tats-extract features)."),

@@ -14,7 +14,6 @@ features equal those of the official hub models the original used.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tats.pipeline.weights import file_sha256
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -166,14 +167,6 @@ def create_backbone(
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     return _BACKBONES[name](weights=weights, device=device, preprocess=preprocess, **kwargs)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

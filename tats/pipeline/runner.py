@@ -173,6 +173,9 @@ def _load(loader: Callable[[VideoRow], Any], row: VideoRow) -> Loaded:
         data = loader(row)
     except VideoError as error:
         return Loaded(row, error=str(error), seconds=time.perf_counter() - tic)
+    except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the run goes on
+        message = f"{row.path}: {type(error).__name__}: {error}"
+        return Loaded(row, error=message, seconds=time.perf_counter() - tic)
     return Loaded(row, data, seconds=time.perf_counter() - tic)
 
 

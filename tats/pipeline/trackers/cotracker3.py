@@ -23,7 +23,6 @@ or put it in the torch hub cache (see `resolve_checkpoint`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from tats.pipeline.trackers.cotracker3_net import (
     CoTracker3,
     TokenLayout,
 )
+from tats.pipeline.weights import file_sha256
 
 CHECKPOINT_FILES = {"offline": "scaled_offline.pth", "online": "scaled_online.pth"}
 CHECKPOINT_URL = "https://huggingface.co/facebook/cotracker3/resolve/main/{}"
@@ -76,14 +76,6 @@ def resolve_checkpoint(checkpoint: str | Path | None, kind: str = "offline") -> 
             f"{CHECKPOINT_URL.format(name)} to {path}"
         )
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:

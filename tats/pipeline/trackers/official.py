@@ -22,11 +22,11 @@ from tats.pipeline.trackers.cotracker3 import (
     ONLINE_WINDOW,
     PASSES,
     CheckpointError,
-    file_sha256,
     official_grid,
     read_state_dict,
     resolve_checkpoint,
 )
+from tats.pipeline.weights import file_sha256
 
 INSTALL_HINT = "pip install git+https://github.com/facebookresearch/co-tracker"
 
