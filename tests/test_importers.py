@@ -1,4 +1,4 @@
-"""Split importers: the real MoLo lists from ../shared/fixtures, and small TRX / JSON lists."""
+"""Split importers: the real MoLo lists (data_manifests/splits/molo), and small TRX / JSON lists."""
 
 import json
 from pathlib import Path
@@ -9,10 +9,7 @@ from typer.testing import CliRunner
 from tats.cli import app
 from tats.manifest import read_manifest
 
-MOLO = Path(__file__).parents[2] / "shared" / "fixtures" / "splits" / "molo"
-needs_molo = pytest.mark.skipif(
-    not MOLO.is_dir(), reason=f"shared fixtures not found at {MOLO} (../shared beside the checkout)"
-)
+MOLO = Path(__file__).parents[1] / "data_manifests" / "splits" / "molo"
 
 # (folder, --dataset, classes per split, videos per split) as the published lists hold them
 MOLO_SPLITS = [
@@ -28,7 +25,6 @@ def tats(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@needs_molo
 @pytest.mark.parametrize(("folder", "dataset", "classes", "videos"), MOLO_SPLITS)
 def test_molo_lists_import_with_their_counts(tmp_path, folder, dataset, classes, videos):
     out = tmp_path / "m.csv"
@@ -51,7 +47,6 @@ def test_molo_lists_import_with_their_counts(tmp_path, folder, dataset, classes,
     assert check.stdout.splitlines()[0].startswith(f"{out}: {sum(videos)} videos")
 
 
-@needs_molo
 def test_molo_lines_map_to_the_dataset_layout(tmp_path):
     def first_rows(folder, dataset):
         out = tmp_path / f"{folder}.csv"
