@@ -13,7 +13,7 @@ $(BIN)/tats: pyproject.toml
 	touch $@
 
 # The demo: synthetic motion videos, LK tracks, weight-free `pixels` features, a small model
-# (configs/demo.json); a few minutes on a 2-core CPU. Rerunning resumes every stage.
+# (configs/demo.json); about 10 minutes on a 2-core CPU. Rerunning resumes every stage.
 demo: $(BIN)/tats $(DEMO_DIR)/data/manifest.csv
 	$(BIN)/tats run --manifest $(DEMO_DIR)/data/manifest.csv --out $(DEMO_DIR)/run --tracker lk --grid 8 \
 		--backbone pixels --views 2 --train-config configs/demo.json

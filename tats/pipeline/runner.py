@@ -171,11 +171,10 @@ def _load(loader: Callable[[VideoRow], Any], row: VideoRow) -> Loaded:
     tic = time.perf_counter()
     try:
         data = loader(row)
-    except VideoError as error:
+    except Exception as error:  # noqa: BLE001 - a bad video must not stop the run
+        if not isinstance(error, VideoError):  # VideoError names the file itself
+            error = f"{row.path}: {type(error).__name__}: {error}"
         return Loaded(row, error=str(error), seconds=time.perf_counter() - tic)
-    except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the run goes on
-        message = f"{row.path}: {type(error).__name__}: {error}"
-        return Loaded(row, error=message, seconds=time.perf_counter() - tic)
     return Loaded(row, data, seconds=time.perf_counter() - tic)
 
 
