@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean gpu-check wheels
 
 $(BIN)/tats: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,19 +13,37 @@ $(BIN)/tats: pyproject.toml
 	touch $@
 
 # The demo: synthetic motion videos, LK tracks, weight-free `pixels` features, a small model
-# (configs/demo.json); about 10 minutes on a 2-core CPU. Rerunning resumes every stage.
-demo: $(BIN)/tats $(DEMO_DIR)/data/manifest.csv
-	$(BIN)/tats run --manifest $(DEMO_DIR)/data/manifest.csv --out $(DEMO_DIR)/run --tracker lk --grid 8 \
-		--backbone pixels --views 2 --train-config configs/demo.json
+# (configs/demo.json) and the appearance-only baseline trained alike, then
+# $(DEMO_DIR)/run/report.md. Under 10 minutes on a 2-core CPU. Rerunning resumes every stage.
+DEMO_VIDEOS ?= 10
+DEMO_RUN = $(BIN)/tats run --manifest $(DEMO_DIR)/data/manifest.csv --out $(DEMO_DIR)/run \
+	--tracker lk --grid 8 --subset 64 --backbone pixels --views 2 --train-config configs/demo.json
+
+demo: $(BIN)/tats
+	started=$$(date +%s) && \
+	$(MAKE) --no-print-directory $(DEMO_DIR)/data/manifest.csv && \
+	$(DEMO_RUN) && \
+	$(DEMO_RUN) --tracks-mode frozen --train-out baseline && \
+	$(BIN)/tats report $(DEMO_DIR)/run --started $$started
 
 $(DEMO_DIR)/data/manifest.csv: | $(BIN)/tats
-	$(BIN)/tats synth --out $(DEMO_DIR)/data --videos-per-class 10
+	$(BIN)/tats synth --out $(DEMO_DIR)/data --videos-per-class $(DEMO_VIDEOS)
 
 test: $(BIN)/tats
 	$(BIN)/python -m pytest -ra
 
 lint: $(BIN)/tats
 	$(BIN)/ruff check tats tests benchmarks
+
+# The GPU check (README, "GPU check"): the CUDA tests and the GPU benchmarks in at most 8
+# minutes, into $(GPU_CHECK_OUT). It needs no .venv: on a GPU machine it runs with that
+# machine's python3 and the wheels `make wheels` fetched (benchmarks/wheels, carried along).
+GPU_CHECK_OUT ?= benchmarks/results/gpu-check
+gpu-check:
+	benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
+
+wheels: $(BIN)/tats
+	benchmarks/fetch_wheels.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

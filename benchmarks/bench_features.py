@@ -2,6 +2,8 @@
 (decoding and writing hidden behind it), and bytes per video on disk.
 
     .venv/bin/python benchmarks/bench_features.py [--backbone dinov2_vits14] [--workers 0 2]
+    .venv/bin/python benchmarks/bench_features.py --workers 2 --views 1 5 \
+        --out benchmarks/results/features-views.json      # what augmented views cost
 
 Random weights of the real architecture (speed does not depend on their values), on synthetic
 480x360 clips. The backbone share is the time spent in the stage's compute (backbone forward
@@ -35,15 +37,25 @@ def random_weights(name: str, folder: Path) -> Path | None:
     return path
 
 
-def run(manifest, weights, backbone: str, workers: int, batch: int, folder: Path) -> dict:
-    out = folder / f"features-{workers}.zarr"
+def run(
+    manifest,
+    weights,
+    backbone: str,
+    workers: int,
+    views: int,
+    batch: int,
+    folder: Path,
+    device: str = "cpu",
+) -> dict:
+    out = folder / f"features-{workers}-{views}.zarr"
     shutil.rmtree(out, ignore_errors=True)
-    config = FeaturesConfig(backbone=backbone, shard_size=16)
+    config = FeaturesConfig(backbone=backbone, views=views, shard_size=16)
     rows = read_manifest(manifest)
     tic = time.perf_counter()
     summary = extract_features(
-        rows, out, config, weights=weights, workers=workers, batch_videos=batch, progress=False
-    )
+        rows, out, config, weights=weights, device=device, workers=workers, batch_videos=batch,
+        progress=False,
+    )  # fmt: skip
     wall = time.perf_counter() - tic
     records = Ledger(out / "ledger").records().values()
     compute = sum(r.seconds["compute"] for r in records)
@@ -51,15 +63,19 @@ def run(manifest, weights, backbone: str, workers: int, batch: int, folder: Path
     write = sum(r.seconds["write"] for r in records)
     videos = summary.videos_done
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "ledger" not in p.parts)
+    shutil.rmtree(out)
     return {
         "workers": workers,
+        "views": views,
         "videos": videos,
         "wall_s": round(wall, 2),
-        "frames_per_s": round(videos * config.frames / wall, 2),
+        "seconds_per_video": round(wall / videos, 3),
+        "frames_per_s": round(videos * views * config.frames / wall, 2),  # frames encoded
         "backbone_share": round(compute / wall, 3),
         "decode_s_in_workers": round(decode, 2),
         "write_s_in_background": round(write, 2),
         "bytes_per_video": int(size / videos),
+        "bytes_per_video_and_view": int(size / videos / views),
     }
 
 
@@ -68,6 +84,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="dinov2_vits14")
     parser.add_argument("--videos", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--views", type=int, nargs="+", default=[1], help="views per video")
     parser.add_argument("--batch-videos", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/features.json"))
     args = parser.parse_args()
@@ -80,8 +97,9 @@ def main() -> None:
         manifest = generate(synth, folder / "synth", progress=False)
         weights = random_weights(args.backbone, folder)
         results = [
-            run(manifest, weights, args.backbone, w, args.batch_videos, folder)
+            run(manifest, weights, args.backbone, w, v, args.batch_videos, folder)
             for w in args.workers
+            for v in args.views
         ]
     report = {
         "benchmark": "features stage throughput",

@@ -36,8 +36,9 @@ from tats.model import ModelConfig, TATsModel
 from tats.pipeline.backbones import create_backbone
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
+from tats.runtime import Runtime
 from tats.synth import SynthConfig, generate
-from tats.train import Runtime, TrainConfig, param_groups, train, train_epoch
+from tats.train import TrainConfig, param_groups, train, train_epoch
 from tats.video import probe, read_frames, timeline
 
 BACKBONE = "dinov2_vitb14"
@@ -66,8 +67,8 @@ def build(work: Path, synth: SynthConfig, device: str, workers: int) -> tuple[Pa
     manifest = read_manifest(manifest_path)
     extract_tracks(manifest, work / "tracks.zarr", TracksConfig(tracker="lk"), workers=workers)
     extract_features(
-        manifest, work / "features.zarr", FeaturesConfig(backbone=BACKBONE), weights=weights,
-        device=device, workers=workers,
+        manifest, work / "features.zarr", FeaturesConfig(backbone=BACKBONE, views=1),
+        weights=weights, device=device, workers=workers,
     )  # fmt: skip
     return manifest_path, work / "tracks.zarr", work / "features.zarr"
 
@@ -84,18 +85,20 @@ class VideoEpisodes(Dataset):
         if self._videos is None:
             self._videos = read_manifest(self.manifest_path).rows
         episode = self.episodes.episode(*key)
-        frames, positions, mask = [], [], []
+        frames, positions, mask, visible = [], [], [], []
         for row, seed in zip(episode.rows.tolist(), episode.subset_seeds.tolist(), strict=True):
             video = self._videos[row]
             native = timeline(probe(video.path))
             frames.append(read_frames(video.path, native[self.episodes.frames[row]]))
-            clip_positions, clip_mask = self.episodes.read_tracks(row, seed)
+            clip_positions, clip_mask, clip_visible = self.episodes.read_tracks(row, seed)
             positions.append(clip_positions)
             mask.append(clip_mask)
+            visible.append(clip_visible)
         return {
             "features": torch.from_numpy(np.stack(frames)),  # uint8 [n, S, H, W, 3]
             "positions": torch.from_numpy(np.stack(positions)),
             "mask": torch.from_numpy(np.stack(mask)),
+            "visible": torch.from_numpy(np.stack(visible)),
             "labels": torch.from_numpy(episode.labels),
             "classes": torch.from_numpy(episode.classes),
             "rows": torch.from_numpy(episode.rows),
@@ -109,9 +112,10 @@ class OnlineBackbone(torch.nn.Module):
         super().__init__()
         self.backbone, self.model = backbone, model
 
-    def forward(self, frames, positions, mask):
-        features = self.backbone(frames).clone()  # out of inference mode, for autograd
-        return self.model(features, positions, mask)
+    def forward(self, features, positions, mask, visible):
+        """`features` are the clips' uint8 frames here, encoded in the step."""
+        features = self.backbone(features).clone()  # out of inference mode, for autograd
+        return self.model(features, positions, mask, visible)
 
 
 def original_path(

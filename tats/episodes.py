@@ -10,11 +10,13 @@ split, `shot` support and `queries` query clips of each. Resuming a run therefor
 episodes it would have drawn, and DDP ranks (different `rank`) draw different ones.
 `EpisodeDataset` turns a key (epoch, index) into the episode's tensors, reading every clip's
 arrays row by row (one chunk per array: fancy-indexing many rows of a sharded array at once
-is very slow); each DataLoader worker opens the stores on first use.
+is very slow); each DataLoader worker opens the stores on first use. `ClipDataset` reads
+clips one by one instead, for evaluation that embeds each clip once (tats/evaluate.py).
 
     data = EpisodeData.open("tracks.zarr", "features.zarr", "manifest.csv")
     train = data.dataset("train", EpisodeSpec(5, 1, 6), ReadOptions(random_view=True), seed=0)
-    batch = train[(epoch, index)]   # features, positions, mask, labels, classes, rows
+    batch = train[(epoch, index)]   # features, positions, mask, visible, labels, classes, rows
+    clips = data.clips(rows, ReadOptions())   # clips[i]: features, positions, mask, visible, rows
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from tats.manifest import SPLITS, Manifest, read_manifest
+from tats.pipeline.queries import cluster_subset
 from tats.pipeline.status import done_rows
 from tats.stores import FEATURES, TRACKS, RowStore, StoreError
 
@@ -70,22 +73,39 @@ class ReadOptions:
 
     random_view: a random feature view per clip (training), else view 0 (the unaugmented one).
     fresh_subset: draw a new random subset of the clip's points on every read instead of the
-    stored 256-subset. tracks_mode "frozen" is the appearance-only baseline: the first query
-    frame's grid of points, fixed where it starts and present at every frame (fresh_subset and
-    mask do not apply to it). mask "query": a point exists from its query frame on (the
-    original's query mask); "visible": only where the tracker saw it.
+    stored 256-subset. cluster_sampling: draw the points anew on every read from the clusters
+    of a semantic-queries store, at least one per cluster and the rest by cluster size
+    (Trokens' training sampling, `queries.cluster_subset`); evaluation leaves it off and reads
+    the stored subset, which the tracks stage drew the same way once per video. Both draws are
+    seeded per video and episode. tracks_mode "frozen" is the appearance-only baseline: the
+    first query frame's grid of points, fixed where it starts and present at every frame
+    (subsets and mask do not apply to it). mask "query": a point exists from its query frame
+    on (TATs' query mask, for points tracked forward from their query frame); "visible": only
+    where the tracker saw it (Trokens' mask: its points are tracked in both directions, so they
+    exist at every frame and visibility is what is known of them).
+    Points are read in ascending point index, padding last, whatever the subset's draw order:
+    the motion tokens' relative offsets depend on the order.
     """
 
     random_view: bool = False
     fresh_subset: bool = False
     tracks_mode: str = "tracks"
     mask: str = "query"
+    cluster_sampling: bool = False
+
+    @property
+    def per_clip(self) -> bool:
+        """Whether a clip's inputs are a function of the clip alone, the same in every episode
+        that reads it: not where views or point subsets are drawn anew on every read."""
+        return not (self.random_view or self.fresh_subset or self.cluster_sampling)
 
     def __post_init__(self) -> None:
         if self.tracks_mode not in TRACKS_MODES:
             raise ValueError(f"tracks mode {self.tracks_mode!r} is not one of {TRACKS_MODES}")
         if self.mask not in MASK_MODES:
             raise ValueError(f"mask {self.mask!r} is not one of {MASK_MODES}")
+        if self.fresh_subset and self.cluster_sampling:
+            raise ValueError("fresh subsets and cluster sampling exclude each other: choose one")
 
 
 @dataclass(frozen=True)
@@ -271,6 +291,12 @@ class EpisodeData:
     ) -> EpisodeDataset:
         """Episodes of `split`; `rank` enters the draw (give each DDP rank its own in training,
         and 0 in evaluation, where ranks split one set of episodes by index)."""
+        queries = self.tracks.provenance.get("config", {}).get("queries")
+        if options.cluster_sampling and queries != "semantic":  # grid points have no clusters
+            raise StoreError(
+                f"{self.tracks.path}: cluster sampling needs each point's cluster, which this "
+                f"store (queries {queries}) does not hold; extract tracks with --queries semantic"
+            )
         classes = classes or self.classes(split, spec.per_class, spec.way)
         return EpisodeDataset(
             self.tracks.path,
@@ -285,14 +311,110 @@ class EpisodeData:
             rank,
         )
 
+    def clips(self, rows: np.ndarray, options: ReadOptions) -> ClipDataset:
+        """The clips of `rows`, each read once (`options` must be `per_clip`)."""
+        return ClipDataset(
+            self.tracks.path, self.features.path, rows, options, self.frames, self.frame_size
+        )
 
-class EpisodeDataset(Dataset):
-    """Key (epoch, index) -> the tensors of one episode.
 
-    features float16 [n, S, h, w, C]; positions float32 [n, S, P, 2], (x, y) in [-1, 1] by the
-    decoded frame size; mask bool [n, S, P]; labels, classes, rows int64 [n]; key int64 [2].
-    Padding points (clips with fewer than P points) sit at (0, 0) and are masked everywhere.
+class ClipReader:
+    """One clip's model inputs, read from the two stores as `options` say.
+
+    features float16 [S, h, w, C]; positions float32 [S, P, 2], (x, y) in [-1, 1] by the
+    decoded frame size; mask bool [S, P]; visible bool [S, P], the tracker's visibility (in
+    frozen mode: the mask). Points in ascending point index; padding points (clips with fewer
+    than P points) come last, sit at (0, 0) and are masked and invisible everywhere.
+    Picklable: each DataLoader worker opens the stores on first use.
     """
+
+    def __init__(
+        self,
+        tracks: Path,
+        features: Path,
+        options: ReadOptions,
+        frames: np.ndarray,
+        frame_size: np.ndarray,
+    ):
+        self.tracks_path, self.features_path = Path(tracks), Path(features)
+        self.options, self.frames, self.frame_size = options, frames, frame_size
+        self._stores: tuple[RowStore, object] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stores": None}  # every worker opens its own
+
+    def _open(self) -> tuple[RowStore, object]:
+        if self._stores is None:
+            features = RowStore.open(self.features_path, FEATURES).group["features"]
+            self._stores = (RowStore.open(self.tracks_path, TRACKS), features)
+        return self._stores
+
+    def read_clip(self, row: int, view: int, subset_seed: int) -> dict[str, np.ndarray]:
+        """The model inputs of one clip (see the class docstring)."""
+        positions, mask, visible = self.read_tracks(row, subset_seed)
+        features = self.read_features(row, view)
+        return {"features": features, "positions": positions, "mask": mask, "visible": visible}
+
+    def read_features(self, row: int, view: int) -> np.ndarray:
+        """One clip's patch grids [S, h, w, C] of one view."""
+        return np.asarray(self._open()[1][row, view])
+
+    def read_tracks(self, row: int, subset_seed: int) -> tuple[np.ndarray, ...]:
+        """One clip's points: positions [S, P, 2] in [-1, 1], mask and visible [S, P]."""
+        opt = self.options
+        if opt.tracks_mode == "frozen":
+            return self._fixed_grid(row)
+        names = ["positions", "visible", "query_frame", "subset"]
+        names += ["valid"] if opt.fresh_subset or opt.cluster_sampling else []
+        names += ["cluster"] if opt.cluster_sampling else []
+        t = self._open()[0].read_row(row, tuple(names))
+        subset = t["subset"]
+        if opt.fresh_subset or opt.cluster_sampling:
+            kept = int(t["valid"].sum())  # kept points come first
+            size = len(subset)
+            if opt.cluster_sampling:
+                subset = cluster_subset(t["cluster"][:kept], size, subset_seed)
+            else:
+                take = min(size, kept)
+                subset = np.full(size, -1, np.int64)
+                subset[:take] = np.random.default_rng(subset_seed).choice(kept, take, replace=False)
+        real = subset >= 0
+        subset = np.concatenate([np.sort(subset[real]), subset[~real]])  # the canonical order
+        real = subset >= 0
+        index = np.where(real, subset, 0)
+        visible = t["visible"][:, index] & real
+        if opt.mask == "visible":
+            mask = visible
+        else:
+            mask = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
+        positions = self._normalised(t["positions"][:, index], row)
+        return np.where(real[None, :, None], positions, 0).astype(np.float32), mask, visible
+
+    def _fixed_grid(self, row: int) -> tuple[np.ndarray, ...]:
+        """The appearance-only baseline: the first query frame's grid of points, fixed where
+        it starts, at every frame. Neither the points kept from later query frames nor their
+        query frames take part, as both depend on the motion."""
+        tracks = self._open()[0]
+        t = tracks.read_row(row, ("positions", "query_frame"))
+        first = t["query_frame"][0]  # kept points come first, the first query frame's first
+        count = tracks.fields["subset"].shape[0]
+        grid = np.flatnonzero(t["query_frame"] == first)[:count] if first >= 0 else []
+        start = int(np.argmax(self.frames[row] >= first))
+        positions = np.zeros((len(self.frames[row]), count, 2), np.float32)
+        positions[:, : len(grid)] = self._normalised(t["positions"][start, grid], row)
+        mask = np.zeros(positions.shape[:2], bool)
+        mask[:, : len(grid)] = True
+        return positions, mask, mask.copy()
+
+    def _normalised(self, xy: np.ndarray, row: int) -> np.ndarray:
+        """Pixel (x, y) -> [-1, 1] by the decoded frame size, as the original."""
+        height, width = self.frame_size[row]
+        return xy / np.array([width, height], np.float32) * 2 - 1
+
+
+class EpisodeDataset(ClipReader, Dataset):
+    """Key (epoch, index) -> the tensors of one episode: its clips' inputs (`ClipReader`)
+    stacked [n, ...], and labels, classes, rows int64 [n]; key int64 [2]."""
 
     def __init__(
         self,
@@ -307,20 +429,9 @@ class EpisodeDataset(Dataset):
         seed: int,
         rank: int = 0,
     ):
-        self.tracks_path, self.features_path = Path(tracks), Path(features)
-        self.classes, self.spec, self.options = classes, spec, options
-        self.frames, self.frame_size, self.views = frames, frame_size, views
+        super().__init__(tracks, features, options, frames, frame_size)
+        self.classes, self.spec, self.views = classes, spec, views
         self.seed, self.rank = seed, rank
-        self._stores: tuple[RowStore, object] | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_stores": None}  # every worker opens its own
-
-    def _open(self) -> tuple[RowStore, object]:
-        if self._stores is None:
-            features = RowStore.open(self.features_path, FEATURES).group["features"]
-            self._stores = (RowStore.open(self.tracks_path, TRACKS), features)
-        return self._stores
 
     def episode(self, epoch: int, index: int) -> Episode:
         rng = episode_rng(self.seed, self.classes.split, epoch, index, self.rank)
@@ -328,70 +439,42 @@ class EpisodeDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         episode = self.episode(*key)
-        features, positions, mask = [], [], []
-        for row, view, seed in zip(episode.rows, episode.views, episode.subset_seeds, strict=True):
-            features.append(self.read_features(int(row), int(view)))
-            clip_positions, clip_mask = self.read_tracks(int(row), int(seed))
-            positions.append(clip_positions)
-            mask.append(clip_mask)
+        picks = zip(episode.rows, episode.views, episode.subset_seeds, strict=True)
+        clips = [self.read_clip(int(row), int(view), int(seed)) for row, view, seed in picks]
         return {
-            "features": torch.from_numpy(np.stack(features)),
-            "positions": torch.from_numpy(np.stack(positions)),
-            "mask": torch.from_numpy(np.stack(mask)),
+            **{name: torch.from_numpy(np.stack([c[name] for c in clips])) for name in clips[0]},
             "labels": torch.from_numpy(episode.labels),
             "classes": torch.from_numpy(episode.classes),
             "rows": torch.from_numpy(episode.rows),
             "key": torch.tensor(key, dtype=torch.int64),
         }
 
-    def read_features(self, row: int, view: int) -> np.ndarray:
-        """One clip's patch grids [S, h, w, C] of one view."""
-        return np.asarray(self._open()[1][row, view])
 
-    def read_tracks(self, row: int, subset_seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """One clip's points: positions [S, P, 2] in [-1, 1] and mask [S, P]."""
-        opt = self.options
-        if opt.tracks_mode == "frozen":
-            return self._fixed_grid(row)
-        names = ["positions", "query_frame", "subset"]
-        names += ["visible"] if opt.mask == "visible" else []
-        names += ["valid"] if opt.fresh_subset else []
-        t = self._open()[0].read_row(row, tuple(names))
-        subset = t["subset"]
-        if opt.fresh_subset:
-            kept = int(t["valid"].sum())  # kept points come first
-            take = min(len(subset), kept)
-            subset = np.full(len(subset), -1, np.int64)
-            subset[:take] = np.random.default_rng(subset_seed).choice(kept, take, replace=False)
-        real = subset >= 0
-        index = np.where(real, subset, 0)
-        if opt.mask == "visible":
-            mask = t["visible"][:, index] & real
-        else:
-            mask = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
-        positions = self._normalised(t["positions"][:, index], row)
-        return np.where(real[None, :, None], positions, 0).astype(np.float32), mask
+class ClipDataset(ClipReader, Dataset):
+    """Index i -> the inputs of clip `rows[i]` (`ClipReader`) and its row, for batched
+    DataLoaders: each clip once, as evaluation reads it (view 0, the stored point subset)."""
 
-    def _fixed_grid(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """The appearance-only baseline: the first query frame's grid of points, fixed where
-        it starts, at every frame. Neither the points kept from later query frames nor their
-        query frames take part, as both depend on the motion."""
-        tracks = self._open()[0]
-        t = tracks.read_row(row, ("positions", "query_frame"))
-        first = t["query_frame"][0]  # kept points come first, the first query frame's first
-        count = tracks.fields["subset"].shape[0]
-        grid = np.flatnonzero(t["query_frame"] == first)[:count] if first >= 0 else []
-        start = int(np.argmax(self.frames[row] >= first))
-        positions = np.zeros((len(self.frames[row]), count, 2), np.float32)
-        positions[:, : len(grid)] = self._normalised(t["positions"][start, grid], row)
-        mask = np.zeros(positions.shape[:2], bool)
-        mask[:, : len(grid)] = True
-        return positions, mask
+    def __init__(
+        self,
+        tracks: Path,
+        features: Path,
+        rows: np.ndarray,
+        options: ReadOptions,
+        frames: np.ndarray,
+        frame_size: np.ndarray,
+    ):
+        if not options.per_clip:
+            raise ValueError(f"{options}: a clip's inputs depend on the episode that reads it")
+        super().__init__(tracks, features, options, frames, frame_size)
+        self.rows = np.asarray(rows, dtype=np.int64)
 
-    def _normalised(self, xy: np.ndarray, row: int) -> np.ndarray:
-        """Pixel (x, y) -> [-1, 1] by the decoded frame size, as the original."""
-        height, width = self.frame_size[row]
-        return xy / np.array([width, height], np.float32) * 2 - 1
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = int(self.rows[index])
+        clip = self.read_clip(row, view=0, subset_seed=0)  # the seed is unused: stored subset
+        return {**{k: torch.from_numpy(v) for k, v in clip.items()}, "rows": torch.tensor(row)}
 
 
 class EpisodeKeys(Sampler):

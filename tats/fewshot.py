@@ -52,12 +52,40 @@ def hausdorff_scores(
     """
     prototypes = class_prototypes(support_tokens, support_labels, way, shot)
     with torch.autocast(device_type=query_tokens.device.type, enabled=False):
-        query = F.relu(query_tokens.float()).mean(dim=2)  # [Q, S, D]
-        proto = F.relu(prototypes.float()).mean(dim=2)  # [way, S, D]
-        dot = torch.einsum("qid,cjd->qcij", query, proto)
-        norms = query.norm(dim=-1)[:, None, :, None] * proto.norm(dim=-1)[None, :, None, :]
-        dist = 1.0 - dot / (norms + NORM_EPS)  # [Q, way, S_query, S_class]
-        return -(dist.min(dim=3).values.sum(dim=2) + dist.min(dim=2).values.sum(dim=2))
+        return -hausdorff_distances(frame_embeddings(query_tokens), frame_embeddings(prototypes))
+
+
+def frame_embeddings(tokens: Tensor) -> Tensor:
+    """One embedding per frame, in float32: tokens [..., S, P, D] through ReLU, averaged over
+    the points -> [..., S, D]. A clip's (or a prototype's) only input to the matching."""
+    return F.relu(tokens.float()).mean(dim=-2)
+
+
+def prototype_frames(tokens: Tensor, support_sets: Tensor) -> Tensor:
+    """The frame embeddings [M, S, D] of M prototypes: support_sets [M, K] index the K support
+    clips of each in tokens [N, S, P, D]; a prototype is its clips' tokens averaged (as
+    `class_prototypes`), then `frame_embeddings`. Adds one clip at a time: no [M, K, ...]
+    temporary."""
+    total = tokens[support_sets[:, 0]]
+    for k in range(1, support_sets.shape[1]):
+        total += tokens[support_sets[:, k]]
+    return frame_embeddings(total / support_sets.shape[1])
+
+
+def hausdorff_distances(query_frames: Tensor, class_frames: Tensor) -> Tensor:
+    """Distances [..., Q, C] between queries [..., Q, S, D] and classes [..., C, S', D], both
+    frame embeddings (`frame_embeddings`); the score of the matching is minus the distance."""
+    dist = frame_distances(query_frames, class_frames)  # [..., Q, C, S, S']
+    return dist.min(dim=-1).values.sum(dim=-1) + dist.min(dim=-2).values.sum(dim=-1)
+
+
+def frame_distances(query_frames: Tensor, class_frames: Tensor) -> Tensor:
+    """d = 1 - cosine [..., Q, C, S, S'] between every query frame and every class frame (frame
+    embeddings), NORM_EPS added to the product of the norms: what the metric minimises over."""
+    dot = torch.einsum("...qid,...cjd->...qcij", query_frames, class_frames)
+    query_norms = query_frames.norm(dim=-1)[..., :, None, :, None]
+    norms = query_norms * class_frames.norm(dim=-1)[..., None, :, None, :]
+    return 1.0 - dot / (norms + NORM_EPS)
 
 
 class EpisodeLoss(NamedTuple):

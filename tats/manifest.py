@@ -10,7 +10,7 @@ import csv
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,26 +67,34 @@ class RowChecker:
         self._split_of_label: dict[str, tuple[str, str]] = {}
 
     def check(self, where: str, video_id: str, path: str, label: str, split: str) -> None:
-        for name, value in zip(COLUMNS, (video_id, path, label, split), strict=True):
-            if not value:
-                raise ManifestError(f"{where}: empty {name}")
-            if "\n" in value or "\r" in value:
-                raise ManifestError(f"{where}: line break inside {name} {value!r}")
+        self.check_fields(where, dict(zip(COLUMNS, (video_id, path, label, split), strict=True)))
         if split not in SPLITS:
             raise ManifestError(
                 f"{where}: unknown split {split!r} (expected one of {', '.join(SPLITS)})"
             )
-        if video_id in self._id_at:
-            raise ManifestError(
-                f"{where}: duplicate video_id {video_id!r} (first at {self._id_at[video_id]})"
-            )
-        self._id_at[video_id] = where
+        self.check_id(where, video_id)
         first_split, first_where = self._split_of_label.setdefault(label, (split, where))
         if first_split != split:
             raise ManifestError(
                 f"{where}: class {label!r} is in split {split!r} but also in {first_split!r} "
                 f"(at {first_where}); few-shot splits need disjoint classes"
             )
+
+    def check_fields(self, where: str, values: dict[str, str]) -> None:
+        """Every value filled and on one line."""
+        for name, value in values.items():
+            if not value:
+                raise ManifestError(f"{where}: empty {name}")
+            if "\n" in value or "\r" in value:
+                raise ManifestError(f"{where}: line break inside {name} {value!r}")
+
+    def check_id(self, where: str, video_id: str) -> None:
+        """A video id seen by no earlier check."""
+        if video_id in self._id_at:
+            raise ManifestError(
+                f"{where}: duplicate video_id {video_id!r} (first at {self._id_at[video_id]})"
+            )
+        self._id_at[video_id] = where
 
 
 def read_manifest(
@@ -98,6 +106,69 @@ def read_manifest(
     made absolute but symlinks are kept. check_files: every video file must exist.
     """
     path = Path(path)
+    data, header, records = _read_table(path, COLUMNS)
+    root = absolute_path(video_root if video_root is not None else path.parent)
+    extra_names = [n for n in header if n not in COLUMNS]
+    checker, rows = RowChecker(), []
+    for where, values in records:
+        video_id, rel, label, split = (values[name] for name in COLUMNS)
+        checker.check(where, video_id, rel, label, split)
+        video_path = _video_path(where, root, rel, check_files)
+        extra = {name: values[name] for name in extra_names}
+        rows.append(VideoRow(len(rows), video_id, video_path, label, split, extra))
+    if not rows:
+        raise ManifestError(f"{path}:2: no videos listed")
+    return Manifest(absolute_path(path), tuple(rows), hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True)
+class ListedClip:
+    """A video of a clip list: where it is listed ("file:line"), its id, file and label ("" when
+    the list gives none)."""
+
+    where: str
+    video_id: str
+    path: Path
+    label: str
+
+
+def read_clip_list(
+    path: str | Path,
+    label_required: bool,
+    video_root: str | Path | None = None,
+    checker: RowChecker | None = None,
+) -> list[ListedClip]:
+    """Read a clip list `video_id,path[,label]` (`tats predict`'s support and query lists),
+    checked as a manifest is: one-line errors naming the file, line and problem.
+
+    label_required: every row needs a label; else the label column is optional and a row may
+    leave it empty. Relative paths resolve against video_root (default: the list's folder).
+    Pass one `checker` to several lists to keep their video ids unique across them.
+    """
+    path = Path(path)
+    columns = ("video_id", "path", "label") if label_required else ("video_id", "path")
+    _, header, records = _read_table(path, columns)
+    root = absolute_path(video_root if video_root is not None else path.parent)
+    checker = checker or RowChecker()
+    clips = []
+    for where, values in records:
+        checker.check_fields(where, {name: values[name] for name in columns})
+        label = values.get("label", "")
+        if label:
+            checker.check_fields(where, {"label": label})
+        checker.check_id(where, values["video_id"])
+        video_path = _video_path(where, root, values["path"], check_files=False)
+        clips.append(ListedClip(where, values["video_id"], video_path, label))
+    if not clips:
+        raise ManifestError(f"{path}:2: no videos listed")
+    return clips
+
+
+def _read_table(
+    path: Path, required: tuple[str, ...]
+) -> tuple[bytes, list[str], Iterator[tuple[str, dict[str, str]]]]:
+    """A CSV file's bytes, its header (which must name every `required` column) and its
+    records that are not empty, as ("file:line", {column: value stripped})."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -106,7 +177,6 @@ def read_manifest(
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ManifestError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    root = str(absolute_path(video_root if video_root is not None else path.parent))
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [name.strip() for name in next(reader)]
@@ -114,29 +184,30 @@ def read_manifest(
         raise ManifestError(f"{path}:1: empty file, expected a header") from None
     except csv.Error as err:
         raise ManifestError(f"{path}:1: {err}") from None
-    _check_header(path, header)
-    extra_names = [n for n in header if n not in COLUMNS]
-    checker, rows = RowChecker(), []
-    try:
-        for record in reader:
-            where = f"{path}:{reader.line_num}"
-            if not any(value.strip() for value in record):
-                continue
-            if len(record) != len(header):
-                raise ManifestError(f"{where}: {len(record)} fields, the header has {len(header)}")
-            values = {name: value.strip() for name, value in zip(header, record, strict=True)}
-            video_id, rel, label, split = (values[name] for name in COLUMNS)
-            checker.check(where, video_id, rel, label, split)
-            video_path = absolute_path(os.path.join(root, os.path.expanduser(rel)))
-            if check_files and not video_path.is_file():
-                raise ManifestError(f"{where}: video file not found: {video_path}")
-            extra = {name: values[name] for name in extra_names}
-            rows.append(VideoRow(len(rows), video_id, video_path, label, split, extra))
-    except csv.Error as err:
-        raise ManifestError(f"{path}:{reader.line_num}: {err}") from None
-    if not rows:
-        raise ManifestError(f"{path}:2: no videos listed")
-    return Manifest(absolute_path(path), tuple(rows), hashlib.sha256(data).hexdigest())
+    _check_header(path, header, required)
+
+    def records() -> Iterator[tuple[str, dict[str, str]]]:
+        try:
+            for record in reader:
+                where = f"{path}:{reader.line_num}"
+                if not any(value.strip() for value in record):
+                    continue
+                if len(record) != len(header):
+                    raise ManifestError(
+                        f"{where}: {len(record)} fields, the header has {len(header)}"
+                    )
+                yield where, {n: value.strip() for n, value in zip(header, record, strict=True)}
+        except csv.Error as err:
+            raise ManifestError(f"{path}:{reader.line_num}: {err}") from None
+
+    return data, header, records()
+
+
+def _video_path(where: str, root: Path, rel: str, check_files: bool) -> Path:
+    video_path = absolute_path(os.path.join(root, os.path.expanduser(rel)))
+    if check_files and not video_path.is_file():
+        raise ManifestError(f"{where}: video file not found: {video_path}")
+    return video_path
 
 
 def write_manifest(rows: Iterable[VideoRow], path: str | Path) -> None:
@@ -172,7 +243,7 @@ def write_manifest(rows: Iterable[VideoRow], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def _check_header(path: Path, header: list[str]) -> None:
+def _check_header(path: Path, header: list[str], required: tuple[str, ...] = COLUMNS) -> None:
     seen: set[str] = set()
     for i, name in enumerate(header):
         if not name:
@@ -180,11 +251,11 @@ def _check_header(path: Path, header: list[str]) -> None:
         if name in seen:
             raise ManifestError(f"{path}:1: column {name!r} appears twice")
         seen.add(name)
-    for name in COLUMNS:
+    for name in required:
         if name not in seen:
             raise ManifestError(
                 f"{path}:1: missing column {name!r} (header: {','.join(header)}; "
-                f"expected {','.join(COLUMNS)})"
+                f"expected {','.join(required)})"
             )
 
 

@@ -6,12 +6,17 @@ each trajectory over time and across the points of each frame; both attentions o
 (point, frame) pairs the query mask allows. The final tokens feed the few-shot metric
 (tats/fewshot.py); a CLS token feeds a classifier over the training classes.
 
+Trokens' motion tokens (`ModelConfig.motion`) add, before the transformer, an embedding of each
+point's histogram of oriented displacements at each frame and of its offsets to every other
+point of the clip at that frame (`orientation_histograms`, `relative_offsets`).
+
     model = TATsModel(ModelConfig(num_classes=64))
-    tokens, cls_logits = model(features, positions, mask)   # [B, S, P, D], [B, num_classes]
+    tokens, cls_logits = model(**{k: batch[k] for k in MODEL_INPUTS})  # [B,S,P,D], [B,classes]
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SAMPLING_MODES = ("nearest", "bilinear")
+MOTION_FEATURES = ("none", "hod", "offsets", "both")
+# What every caller passes the model, by name, from a batch of clips (tats/episodes.py):
+# features [B, S, h, w, C], positions [B, S, P, 2] in [-1, 1], mask and visible bool [B, S, P].
+MODEL_INPUTS = ("features", "positions", "mask", "visible")
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,9 @@ class ModelConfig:
     positions normalised by the frame size exactly.
     drop_path_rate: stochastic depth of the last block, linearly from 0 at the first block (so
     a single block, the default depth, gets none).
+    motion: Trokens' motion tokens, "none" (TATs), "hod" (histograms of oriented displacements
+    with `hod_bins` bins), "offsets" (relative offsets to all `num_points` points) or "both"
+    (Trokens). num_points: P, the points per clip; only the offsets' input size depends on it.
     """
 
     feature_dim: int = 768
@@ -54,13 +66,20 @@ class ModelConfig:
     drop_path_rate: float = 0.2
     pos_drop_rate: float = 0.0
     head_drop_rate: float = 0.0
+    motion: str = "none"
+    hod_bins: int = 32
+    num_points: int = 256
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(
                 f"ModelConfig.sampling: {self.sampling!r} is not one of {SAMPLING_MODES}"
             )
-        for name in ("feature_dim", "depth", "num_heads", "num_frames", "grid_size", "num_classes"):
+        if self.motion not in MOTION_FEATURES:
+            raise ValueError(f"ModelConfig.motion: {self.motion!r} is not one of {MOTION_FEATURES}")
+        names = ("feature_dim", "depth", "num_heads", "num_frames", "grid_size", "num_classes",
+                 "hod_bins", "num_points")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}: must be >= 1, got {getattr(self, name)}")
         if self.width is not None and self.width < 1:
@@ -74,6 +93,64 @@ class ModelConfig:
     def dim(self) -> int:
         """The transformer width D."""
         return self.feature_dim if self.width is None else self.width
+
+    @property
+    def uses_hod(self) -> bool:
+        return self.motion in ("hod", "both")
+
+    @property
+    def uses_offsets(self) -> bool:
+        return self.motion in ("offsets", "both")
+
+
+def orientation_histograms(positions: Tensor, bins: int) -> Tensor:
+    """Histograms of oriented displacements per frame: [..., S, P, 2] -> [..., S, P, bins].
+
+    At frame s > 0 a point's displacement from frame s-1 votes with its length for its angle;
+    bin k is centred on the angle 2 pi k / bins (bin 0: +x, rightward; angles grow towards +y),
+    and an angle between two bin centres is split between them linearly, the nearer bin getting
+    more. Frame 0 has no displacement: all zeros. Not normalised (Trokens' per-frame HOD,
+    `trokens/datasets/hod.py`, whose soft assignment gives the nearer bin the smaller share).
+    """
+    step = positions[..., 1:, :, :] - positions[..., :-1, :, :]
+    magnitude = step.float().norm(dim=-1)
+    angle = torch.atan2(step[..., 1].float(), step[..., 0].float())
+    where = torch.remainder(angle / (2 * math.pi) * bins, bins)  # in [0, bins]
+    lower = where.floor()
+    upper_share = where - lower
+    lower = lower.long() % bins
+    hist = step.new_zeros((*magnitude.shape, bins), dtype=torch.float32)
+    hist.scatter_add_(-1, lower[..., None], (magnitude * (1 - upper_share))[..., None])
+    hist.scatter_add_(-1, ((lower + 1) % bins)[..., None], (magnitude * upper_share)[..., None])
+    return torch.cat([torch.zeros_like(hist[..., :1, :, :]), hist], dim=-3)
+
+
+def relative_offsets(positions: Tensor, visible: Tensor) -> Tensor:
+    """Cross-trajectory offsets: positions [..., S, P, 2], visible [..., S, P] -> [..., S, P, 2P].
+
+    Point m at frame s gets (p_m - p_n) for every point n, as (x, y) pairs in point order
+    (n-major), zero unless both m and n are visible at s. The point order must be canonical:
+    the n-th pair feeds the same inputs of the embedding in every clip.
+    """
+    positions = positions.float()
+    offsets = positions[..., :, None, :] - positions[..., None, :, :]  # [..., S, P, P, 2]
+    both = visible[..., :, None] & visible[..., None, :]
+    offsets = torch.where(both[..., None], offsets, 0.0)
+    return offsets.flatten(-2)
+
+
+class MotionEmbed(nn.Module):
+    """Trokens' motion embedding: Linear(in -> 4D), GELU, Linear(4D -> D), LayerNorm."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.fc2(self.act(self.fc1(x))))
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -196,6 +273,8 @@ class TATsModel(nn.Module):
         self.pre_logits = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
         self.head_drop = nn.Dropout(cfg.head_drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes)
+        self.hod_embed = MotionEmbed(cfg.hod_bins, dim) if cfg.uses_hod else None
+        self.offsets_embed = MotionEmbed(2 * cfg.num_points, dim) if cfg.uses_offsets else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -203,7 +282,9 @@ class TATsModel(nn.Module):
 
         Its Xavier pass over every parameter with more than one dim overwrote the truncated
         normal it had given the embeddings and the CLS token, and was itself overwritten for
-        Linear (truncated normal, std 0.02, zero bias) and LayerNorm (1, 0) layers.
+        Linear (truncated normal, std 0.02, zero bias) and LayerNorm (1, 0) layers. The motion
+        embeddings are initialised like every other layer (Trokens created them after this pass,
+        so they kept PyTorch's defaults).
         """
         for param in (self.space_pos_embed, self.time_pos_embed, self.cls_token):
             nn.init.xavier_uniform_(param)
@@ -220,9 +301,16 @@ class TATsModel(nn.Module):
         """Parameters trained without weight decay: the position embeddings and the CLS token.
 
         The original meant to exempt its position embeddings but named 'pos_embed' and
-        'temp_embed', which match no parameter; everything else decays, as there.
+        'temp_embed', which match no parameter; everything else decays, as there, except in the
+        motion embeddings: their Linear weights decay like all others, but not their biases and
+        final LayerNorm, whose gain sets how strongly motion enters the tokens (Trokens decayed
+        them by 0.5 too, which pulls that gain, and so the motion tokens, towards zero).
         """
-        return {"space_pos_embed", "time_pos_embed", "cls_token"}
+        spared = {"space_pos_embed", "time_pos_embed", "cls_token"}
+        for name, param in self.named_parameters():
+            if name.startswith(("hod_embed.", "offsets_embed.")) and param.ndim == 1:
+                spared.add(name)
+        return spared
 
     def sample_tokens(self, features: Tensor, positions: Tensor) -> Tensor:
         """Position-embedded patch grids sampled at the tracks.
@@ -283,10 +371,40 @@ class TATsModel(nn.Module):
         """CLS embedding [B, D] -> logits over the training classes [B, num_classes]."""
         return self.head(self.head_drop(self.pre_logits(cls)))
 
-    def forward(self, features: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """features [B, S, h, w, C], positions [B, S, P, 2] in [-1, 1], mask [B, S, P] bool.
+    def motion_tokens(self, positions: Tensor, visible: Tensor | None) -> Tensor | None:
+        """The motion embeddings [B, S, P, D] added to the sampled tokens; None without motion.
+
+        positions [B, S, P, 2] in [-1, 1]; visible [B, S, P] bool (the offsets' pair mask).
+        """
+        cfg, motion = self.cfg, None
+        if self.hod_embed is not None:
+            motion = self.hod_embed(orientation_histograms(positions, cfg.hod_bins))
+        if self.offsets_embed is not None:
+            p = positions.shape[2]
+            if p != cfg.num_points:
+                raise ValueError(
+                    f"positions: the offsets embedding takes {cfg.num_points} points per clip "
+                    f"(ModelConfig.num_points), got {p}"
+                )
+            want = tuple(positions.shape[:3])
+            if visible is None or visible.dtype != torch.bool or tuple(visible.shape) != want:
+                got = None if visible is None else f"{visible.dtype} {tuple(visible.shape)}"
+                raise ValueError(f"visible: expected bool {want} for the offsets, got {got}")
+            offsets = self.offsets_embed(relative_offsets(positions, visible))
+            motion = offsets if motion is None else motion + offsets
+        return motion
+
+    def forward(
+        self, features: Tensor, positions: Tensor, mask: Tensor, visible: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """features [B, S, h, w, C], positions [B, S, P, 2] in [-1, 1], mask [B, S, P] bool,
+        visible [B, S, P] bool (needed by the offsets motion features only).
 
         Returns tokens [B, S, P, D] for the few-shot metric and CLS logits [B, num_classes].
         """
-        tokens, cls = self.encode(self.sample_tokens(features, positions), mask)
+        tokens = self.sample_tokens(features, positions)
+        motion = self.motion_tokens(positions, visible)
+        if motion is not None:
+            tokens = tokens + motion.to(tokens.dtype)
+        tokens, cls = self.encode(tokens, mask)
         return tokens, self.forward_head(cls)

@@ -2,8 +2,9 @@
 
 Every array's first axis is the row of the dataset manifest, a chunk holds one video, and a
 shard holds `shard_size` videos. Writers write whole shards only: Zarr rewrites a shard file
-on every write into it, and writes it atomically (temporary file, then rename), so a shard on
-disk is always either its old or its new self.
+on every write into it, and writes it atomically (a temporary `*.partial` file, then a rename;
+Zarr 3.1.3 and later), so a shard on disk is always either its old or its new self. After a
+shard is written its files and folders are fsynced, before the unit's ledger record.
 
 A store is created once for a (manifest, stage config) pair, with fixed shapes, and the pair
 is recorded in its attributes; opening it for writing with anything else is an error that
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,25 @@ from zarr.codecs import ZstdCodec
 
 import tats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Zarr writes shard files atomically (temporary file, then rename) from 3.1.3 on; before, a kill
+# or a full disk mid-write left a truncated shard that read back as fill values, silently.
+ZARR_ATOMIC_WRITES = (3, 1, 3)
+
+
+def _zarr_version() -> tuple[int, ...]:
+    parts = []
+    for part in zarr.__version__.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+if _zarr_version() < ZARR_ATOMIC_WRITES:
+    raise ImportError(
+        f"tats needs zarr >= 3.1.3 (atomic shard writes), found {zarr.__version__}: "
+        "pip install -U 'zarr>=3.1.3'"
+    )
 TRACKS = "tats.tracks"
 FEATURES = "tats.features"
 
@@ -63,6 +83,8 @@ def tracks_fields(frames: int, points: int, subset: int) -> dict[str, Field]:
         # True for the points the redundancy filter kept; they come first, padding after.
         "valid": Field((points,), "bool", False),
         "query_frame": Field((points,), "int32", -1),
+        # Semantic queries: each point's cluster (0 = the largest); -1 for grid queries.
+        "cluster": Field((points,), "int32", -1),
         # Indices into the point axis, in draw order; -1 pads clips with fewer points.
         "subset": Field((subset,), "int32", -1),
         "frames": Field((frames,), "int32", -1),
@@ -198,6 +220,10 @@ class RowStore:
     def ledger_dir(self) -> Path:
         return self.path / "ledger"
 
+    @property
+    def lease_dir(self) -> Path:
+        return self.path / "leases"
+
     def shards(self) -> list[range]:
         """Row ranges of the shards, in order: the work units of stage one."""
         return [
@@ -228,6 +254,59 @@ class RowStore:
             raise ValueError(f"rows {rows.start}..{rows.stop} do not cover whole shards")
         for name, arr in self._arrays.items():
             arr[rows.start : rows.stop] = data[name]
+
+    def sync_rows(self, rows: range) -> None:
+        """fsync the shard files of `rows` (whole shards) and their folders, so that they are
+        on disk before anything that says they are (the ledger record)."""
+        for shard in range(rows.start // self.shard_size, -(-rows.stop // self.shard_size)):
+            for name, field in self.fields.items():
+                array_dir = self.path / name
+                path = array_dir / "c" / str(shard)
+                for _ in field.shape:
+                    path = path / "0"
+                if path.exists():  # Zarr deletes the file of a shard that holds only fill
+                    fsync(path)
+                folder = path.parent
+                while True:
+                    if folder.exists():
+                        fsync(folder)
+                    if folder == array_dir:
+                        break
+                    folder = folder.parent
+
+    def remove_debris(self, older_than: float) -> list[Path]:
+        """Delete what killed writers left behind (Zarr's `*.partial` files, temporary ledger
+        records and lease files, half-made stores beside this one) once it is `older_than`
+        seconds old, so that no live writer's file is touched. Returns what was removed."""
+        now, removed = time.time(), []
+        candidates = [p for name in self.fields for p in (self.path / name).rglob("*.partial")]
+        candidates += list(self.ledger_dir.glob(".unit-*.tmp"))
+        candidates += [p for p in self.lease_dir.glob(".unit-*") if p.suffix in (".new", ".taken")]
+        candidates += list(self.path.parent.glob(f".{self.path.name}.creating-*"))
+        for path in candidates:
+            try:
+                if now - path.lstat().st_mtime < older_than:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass  # removed by another worker meanwhile
+        return removed
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (files created or renamed in it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some file systems cannot fsync a folder: nothing more to do
+            raise
+    finally:
+        os.close(fd)
 
 
 def row_digest(data: dict[str, np.ndarray], index: int | None = None) -> str:
@@ -266,6 +345,11 @@ def row_problem(schema: str, data: dict[str, np.ndarray]) -> str | None:
         return "a visible point lies outside the frame"
     if (visible & ~valid[None]).any():
         return "a padding point is marked visible"
+    cluster = data.get("cluster")
+    if cluster is not None:
+        labelled = cluster[valid] >= 0
+        if (cluster[~valid] != -1).any() or (labelled.any() and not labelled.all()):
+            return "cluster ids on padding points, or on some kept points only"
     subset = data["subset"]
     drawn = subset[subset >= 0]
     if (drawn >= n).any() or len(np.unique(drawn)) != len(drawn):

@@ -1,7 +1,6 @@
 """The few-shot trainer: episodes from the stores, the original's schedule, DDP, exact resume.
 
     result = train(TrainConfig(tracks="t.zarr", features="f.zarr", manifest="m.csv", out="run"))
-    scores = evaluate("run/checkpoints/best.pt", "t.zarr", "f.zarr", "m.csv", out="eval")
 
 One optimizer step per episode, `episodes` steps an epoch. Under torchrun every rank draws its
 own episodes and DDP averages their gradients (the original's ranks all drew the same ones).
@@ -12,7 +11,8 @@ meant to spare those, but its list named no parameter, so only the CLS token was
 
 Each epoch ends with a validation pass over a fixed set of val-split episodes and a
 checkpoint: `last.pt` always, `best.pt` when validation improves. After the last epoch the
-best checkpoint is evaluated on the test split, which never takes part in selection. Episodes
+best checkpoint is evaluated on the test split, which never takes part in selection
+(tats/evaluate.py: every clip embedded once, then each episode matched). Episodes
 and the torch random state are functions of (seed, rank, epoch), so `resume` after a kill
 continues to the weights an uninterrupted run reaches.
 
@@ -29,17 +29,16 @@ import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from tats import viz
+from tats.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from tats.episodes import (
     EpisodeData,
     EpisodeKeys,
@@ -48,13 +47,19 @@ from tats.episodes import (
     ReadOptions,
     SplitClasses,
 )
-from tats.fewshot import accuracy_with_ci, episode_loss, hausdorff_scores
-from tats.model import SAMPLING_MODES, ModelConfig, TATsModel
+from tats.evaluate import (
+    EvalResult,
+    check_model_fits,
+    evaluate_episodes,
+    evaluation_options,
+    write_json,
+)
+from tats.fewshot import episode_loss, hausdorff_scores
+from tats.methods import TRAIN_KEYS, with_method
+from tats.model import MODEL_INPUTS, MOTION_FEATURES, SAMPLING_MODES, ModelConfig, TATsModel
+from tats.runtime import AMP_MODES, Runtime
 from tats.stores import StoreError
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-CHECKPOINT_FORMAT = "tats.train.checkpoint"
-CHECKPOINT_VERSION = 1
 # What a resumed run may change: where things are and how fast, not what is trained.
 RESUME_MAY_CHANGE = (
     "tracks", "features", "manifest", "out", "resume", "device", "workers", "prefetch",
@@ -84,7 +89,10 @@ class TrainConfig:
     tracks_mode: str = "tracks"  # "frozen": a fixed grid of points, the appearance baseline
     mask: str = "query"
     fresh_subset: bool = False
+    cluster_sampling: bool = False  # Trokens: cluster-balanced points per read (semantic stores)
     augment: bool = True  # a random feature view per training clip; False: view 0 only
+    motion: str = "none"  # Trokens' motion tokens: none, hod, offsets, both
+    hod_bins: int = 32
     # model (feature dim, frames, grid and classes come from the stores and the manifest)
     width: int | None = None
     depth: int = 1
@@ -115,7 +123,12 @@ class TrainConfig:
         object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
         EpisodeSpec(self.way, self.shot, self.train_queries)
         EpisodeSpec(self.way, self.shot, self.test_queries)
-        ReadOptions(tracks_mode=self.tracks_mode, mask=self.mask)
+        ReadOptions(self.augment, self.fresh_subset, self.tracks_mode, self.mask,
+                    self.cluster_sampling)  # fmt: skip
+        if self.motion not in MOTION_FEATURES:
+            raise ValueError(f"motion {self.motion!r} is not one of {MOTION_FEATURES}")
+        if self.hod_bins < 1:
+            raise ValueError(f"hod_bins must be at least 1, not {self.hod_bins}")
         for name in ("episodes", "epochs", "depth", "heads", "log_every", "prefetch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -140,11 +153,16 @@ class TrainConfig:
 
 
 def config_from_dict(values: dict, source: str | None = None) -> TrainConfig:
-    """TrainConfig from a mapping whose keys are field names (dashes allowed for underscores);
-    `source` (a config file) prefixes error messages."""
+    """TrainConfig from a mapping whose keys are field names (dashes allowed for underscores)
+    and, optionally, "method": a preset (tats/methods.py) under the values given; `source` (a
+    config file) prefixes error messages."""
     where = f"{source}: " if source else ""
     known = {f.name for f in fields(TrainConfig)}
     values = {key.replace("-", "_"): value for key, value in values.items()}
+    try:
+        values = with_method(values, TRAIN_KEYS)
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}unknown option {unknown[0]!r}")
@@ -204,129 +222,13 @@ def param_groups(model: TATsModel, weight_decay: float) -> list[dict]:
     ]
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an amp mode on a device (None: full precision)."""
-    if amp == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp fp16 needs a CUDA device; use bf16 or off")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-# ---------------------------------------------------------------------------------------------
-# Where and how this process runs
-
-
-@dataclass
-class Runtime:
-    """This process's rank in a torchrun job (0 of 1 without one), device, precision and data
-    loading."""
-
-    rank: int
-    world: int
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    workers: int
-    prefetch: int
-
-    @classmethod
-    def setup(cls, device: str, amp: str, workers: int, prefetch: int) -> Runtime:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
-            torch.cuda.set_device(dev)
-        if world > 1 and not torch_dist.is_initialized():
-            torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        return cls(rank, world, dev, autocast_dtype(amp, dev), workers, prefetch)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def log(self, message: str) -> None:
-        if self.main:
-            print(message, flush=True)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def loader(self, dataset, keys: EpisodeKeys) -> DataLoader:
-        workers = min(self.workers, len(keys))
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=keys,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            prefetch_factor=self.prefetch if workers > 0 else None,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator(),  # leaves the global torch random state alone
-        )
-
-    def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def gather(self, value) -> list:
-        """Every rank's `value`, in rank order."""
-        if self.world == 1:
-            return [value]
-        values = [None] * self.world
-        torch_dist.all_gather_object(values, value)
-        return values
-
-    def mean(self, values: list[float]) -> list[float]:
-        """The mean over the ranks of each value."""
-        if self.world == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch_dist.all_reduce(tensor)
-        return (tensor / self.world).tolist()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
-
-
 def seed_torch(seed: int, rank: int, epoch: int) -> None:
     """The torch random state of an epoch (dropout, drop path): a function of its key."""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts of tensors and primitives, read with torch.load(weights_only=True)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a kill while saving leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: cannot read checkpoint: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a tats-train checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint version {state.get('version')}, this tats reads "
-            f"{CHECKPOINT_VERSION}"
-        )
-    return state
+# Checkpoints (tats/checkpoints.py) and what they record
 
 
 def data_identity(data: EpisodeData) -> dict:
@@ -338,7 +240,20 @@ def data_identity(data: EpisodeData) -> dict:
     }
 
 
-def check_resumable(state: dict, config: TrainConfig, data: EpisodeData, path: Path) -> None:
+def run_identity(data: EpisodeData, rt: Runtime) -> dict:
+    """What else decides the episodes and the arithmetic of a run: the processes (each rank
+    draws its own episodes), the precision, and the videos usable in both stores."""
+    usable = hashlib.blake2b(data.usable.astype(np.int64).tobytes(), digest_size=8).hexdigest()
+    precision = "fp32" if rt.amp_dtype is None else str(rt.amp_dtype).removeprefix("torch.")
+    return {"world_size": rt.world, "precision": precision, "usable_videos": len(data.usable),
+            "usable_digest": usable}  # fmt: skip
+
+
+def check_resumable(
+    state: dict, config: TrainConfig, data: EpisodeData, rt: Runtime, path: Path
+) -> None:
+    """Refuse, in one line, to resume a run into a different one: other options, stores,
+    number of processes, precision, or videos (rows added to or failed in the stores)."""
     saved, now = state["config"], config.to_dict()
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
     if changed:
@@ -349,120 +264,20 @@ def check_resumable(state: dict, config: TrainConfig, data: EpisodeData, path: P
         )
     if state["data"] != data_identity(data):
         raise ValueError(f"{path}: the run was trained on other stores or another manifest")
-
-
-def check_model_fits(model_cfg: ModelConfig, data: EpisodeData, source: Path) -> None:
-    want = (model_cfg.feature_dim, model_cfg.num_frames, (model_cfg.grid_size,) * 2)
-    have = (data.feature_dim, data.num_frames, tuple(data.grid))
-    if want != have:
-        raise StoreError(
-            f"{source}: the model takes (feature dim, frames, grid) = {want}, the stores hold "
-            f"{have}"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@dataclass
-class EvalResult:
-    """Few-shot accuracy (percent) over the episodes of one split, per class and confused."""
-
-    split: str
-    way: int
-    shot: int
-    episodes: int
-    accuracy: float
-    ci95: float
-    classes: list[str]
-    per_class: dict[str, float]
-    confusion: np.ndarray  # [C, C] query counts, row = true class, column = predicted class
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "confusion": self.confusion.tolist()}
-
-
-@torch.no_grad()
-def evaluate_episodes(
-    model: TATsModel,
-    data: EpisodeData,
-    classes: SplitClasses,
-    spec: EpisodeSpec,
-    options: ReadOptions,
-    episodes: int,
-    seed: int,
-    rt: Runtime,
-) -> EvalResult:
-    """Accuracy over `episodes` episodes of a split, shared out by index between the ranks."""
-    dataset = data.dataset(classes.split, spec, options, seed, rank=0, classes=classes)
-    was_training = model.training
-    model.eval()
-    n, mine = spec.num_support, []
-    for batch in rt.loader(dataset, EpisodeKeys(range(rt.rank, episodes, rt.world))):
-        batch = rt.to_device(batch)
-        with rt.autocast():
-            tokens, _ = model(batch["features"], batch["positions"], batch["mask"])
-        labels, clip_classes = batch["labels"], batch["classes"]
-        scores = hausdorff_scores(tokens[:n], labels[:n], tokens[n:], spec.way, spec.shot)
-        label_class = clip_classes[:n].view(spec.way, spec.shot)[:, 0]  # supports: class-major
-        predicted = label_class[scores.argmax(dim=1)]
-        mine.append((int(batch["key"][1]), clip_classes[n:].cpu().numpy(), predicted.cpu().numpy()))
-    model.train(was_training)
-    results = sorted((r for part in rt.gather(mine) for r in part), key=lambda r: r[0])
-    true, predicted = np.stack([r[1] for r in results]), np.stack([r[2] for r in results])
-    accuracy, ci = accuracy_with_ci((true == predicted).mean(axis=1) * 100)
-    confusion = np.zeros((len(classes.names),) * 2, np.int64)
-    np.add.at(confusion, (true.ravel(), predicted.ravel()), 1)
-    seen = confusion.sum(axis=1)
-    per_class = {classes.names[c]: 100 * confusion[c, c] / seen[c] for c in np.flatnonzero(seen)}
-    return EvalResult(
-        classes.split, spec.way, spec.shot, len(results), accuracy, ci, list(classes.names),
-        {k: float(v) for k, v in per_class.items()}, confusion,
-    )  # fmt: skip
-
-
-def evaluate(
-    checkpoint: str | Path,
-    tracks: str | Path,
-    features: str | Path,
-    manifest: str | Path,
-    out: str | Path | None = None,
-    episodes: int = 10000,
-    way: int | None = None,
-    shot: int | None = None,
-    queries: int | None = None,
-    split: str = "test",
-    seed: int = 0,
-    workers: int = 2,
-    device: str = "auto",
-) -> EvalResult:
-    """Evaluate a checkpoint on `episodes` episodes of `split` (way, shot and queries default
-    to the checkpoint's); write metrics.json and confusion.png into `out` when given."""
-    if episodes < 1:
-        raise ValueError(f"episodes must be at least 1, not {episodes}")
-    state = load_checkpoint(checkpoint)
-    saved = state["config"]
-    rt = Runtime.setup(device, saved["amp"], workers, saved["prefetch"])
-    data = EpisodeData.open(tracks, features, manifest)
-    model_cfg = ModelConfig(**state["model_config"])
-    check_model_fits(model_cfg, data, Path(checkpoint))
-    model = TATsModel(model_cfg)
-    model.load_state_dict(state["model"])
-    model.to(rt.device)
-    spec = EpisodeSpec(way or saved["way"], shot or saved["shot"], queries or saved["test_queries"])
-    options = ReadOptions(False, saved["fresh_subset"], saved["tracks_mode"], saved["mask"])
-    classes = data.classes(split, spec.per_class, spec.way)
-    result = evaluate_episodes(model, data, classes, spec, options, episodes, seed, rt)
-    if out is not None and rt.main:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "metrics.json", {
-            "checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
-            "config": saved, split: result.to_dict(),
-        })  # fmt: skip
-        viz.plot_confusion(result.confusion, result.classes, out / "confusion.png")
-    return result
+    was, is_now = state.get("run", {}), run_identity(data, rt)
+    reasons = {
+        "world_size": "processes (each rank draws its own episodes)",
+        "precision": "precision (amp resolves per device)",
+        "usable_digest": "usable videos (the stores changed since)",
+    }
+    for key, what in reasons.items():
+        if key in was and was[key] != is_now[key]:
+            then = was["usable_videos"] if key == "usable_digest" else was[key]
+            this = is_now["usable_videos"] if key == "usable_digest" else is_now[key]
+            raise ValueError(
+                f"{path}: cannot resume: the run was trained with {then} {what}, this run has "
+                f"{this}; resume it as it ran, or use a new --out"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,12 +293,6 @@ class RunResult:
     best_val_accuracy: float | None
     history: list[dict]
     test: EvalResult | None
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def write_metrics(out: Path, history: list[dict], summary: dict) -> None:
@@ -523,6 +332,9 @@ def train(config: TrainConfig) -> RunResult:
             warnings.simplefilter("ignore", EpisodeWarning)
         data = EpisodeData.open(cfg.tracks, cfg.features, cfg.manifest)
         train_classes = data.classes("train", train_spec.per_class, cfg.way)
+        options = ReadOptions(cfg.augment, cfg.fresh_subset, cfg.tracks_mode, cfg.mask,
+                              cfg.cluster_sampling)  # fmt: skip
+        train_set = data.dataset("train", train_spec, options, cfg.seed, rt.rank, train_classes)
         test_classes = None
         if cfg.test_episodes:
             test_classes = data.classes("test", test_spec.per_class, cfg.way)
@@ -536,6 +348,7 @@ def train(config: TrainConfig) -> RunResult:
         feature_dim=data.feature_dim, width=cfg.width, depth=cfg.depth, num_heads=cfg.heads,
         mlp_ratio=cfg.mlp_ratio, num_frames=data.num_frames, grid_size=data.grid[0],
         num_classes=len(train_classes.names), sampling=cfg.sampling, drop_path_rate=cfg.drop_path,
+        motion=cfg.motion, hod_bins=cfg.hod_bins, num_points=data.points,
     )  # fmt: skip
     check_model_fits(model_cfg, data, data.features.path)
 
@@ -548,7 +361,7 @@ def train(config: TrainConfig) -> RunResult:
         if not cfg.resume:
             raise ValueError(f"{out} already holds a run; pass --resume, or use a new --out")
         state = load_checkpoint(last_path)
-        check_resumable(state, cfg, data, last_path)
+        check_resumable(state, cfg, data, rt, last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -567,9 +380,7 @@ def train(config: TrainConfig) -> RunResult:
     rt.barrier()
 
     net = DistributedDataParallel(model) if rt.world > 1 else model
-    options = ReadOptions(cfg.augment, cfg.fresh_subset, cfg.tracks_mode, cfg.mask)
-    eval_options = ReadOptions(False, cfg.fresh_subset, cfg.tracks_mode, cfg.mask)
-    train_set = data.dataset("train", train_spec, options, cfg.seed, rt.rank, train_classes)
+    eval_options = evaluation_options(cfg.to_dict())
     train_keys = EpisodeKeys(range(cfg.episodes))
     train_loader = rt.loader(train_set, train_keys)
     rt.log(
@@ -603,6 +414,7 @@ def train(config: TrainConfig) -> RunResult:
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "config": cfg.to_dict(), "model_config": asdict(model_cfg),
                 "train_classes": list(train_classes.names), "data": data_identity(data),
+                "run": run_identity(data, rt),
                 "model": model.state_dict(), "epoch": epoch + 1, "best_epoch": best_epoch,
                 "best_val_accuracy": best_val, "history": history,
             }  # fmt: skip
@@ -671,7 +483,7 @@ def train_epoch(
         batch = rt.to_device(batch)
         labels = batch["labels"]
         with rt.autocast():
-            tokens, logits = net(batch["features"], batch["positions"], batch["mask"])
+            tokens, logits = net(**{k: batch[k] for k in MODEL_INPUTS})
             scores = hausdorff_scores(tokens[:n], labels[:n], tokens[n:], spec.way, spec.shot)
             loss = episode_loss(
                 scores, labels[n:], logits, batch["classes"], cfg.episode_weight, cfg.cls_weight

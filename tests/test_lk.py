@@ -50,3 +50,21 @@ def test_lk_marks_points_that_leave_the_frame_invisible(synth_small):
     assert outside.any(), "the exit clip must carry points out of the frame"
     assert not visible[outside].any()
     assert visible[0].all()  # at their query frame every point is visible
+
+
+def test_lk_tracks_backwards_as_forwards_on_the_time_reversed_clip(synth_small):
+    frames, gt = _clip(synth_small, "translate_right")
+    T, H, W = frames.shape[:3]
+    queries = _queries_on_object(gt, T // 2, H, W)
+    lk = create_tracker("lk")
+    tracks, visible = lk.track(frames, queries, backward=True)
+    reversed_queries = np.concatenate([T - 1 - queries[:, :1], queries[:, 1:]], axis=1)
+    back, back_visible = lk.track(np.ascontiguousarray(frames[::-1]), reversed_queries)
+    np.testing.assert_array_equal(tracks[: T // 2], back[::-1][: T // 2])
+    np.testing.assert_array_equal(visible[: T // 2], back_visible[::-1][: T // 2])
+    # ... and those backward tracks follow the shape to the first frame
+    truth, truly_visible = true_tracks(gt, queries)
+    judged = (truly_visible & visible)[: T // 2]
+    assert judged[0].mean() > 0.8, "most points should reach frame 0 backwards"
+    error = np.linalg.norm(tracks - truth, axis=-1)[: T // 2][judged]
+    assert error.mean() < 1.5, f"mean error {error.mean():.2f} px"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tats.model import ModelConfig, TATsModel
+from tats.model import ModelConfig, TATsModel, orientation_histograms, relative_offsets
 
 SMALL = ModelConfig(feature_dim=16, num_heads=2, num_frames=4, grid_size=4, num_classes=5)
 
@@ -237,3 +237,122 @@ def test_bad_inputs_are_clear_errors():
         ModelConfig(sampling="bicubic")
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(feature_dim=10, num_heads=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trokens' motion tokens
+
+
+def test_rightward_motion_lands_in_the_bin_of_angle_zero():
+    positions = torch.zeros(3, 2, 2)  # [S, P, 2]
+    positions[:, 0, 0] = torch.tensor([-0.5, -0.3, 0.2])  # point 0 moves right by 0.2, 0.5
+    hist = orientation_histograms(positions, 32)
+    assert hist.shape == (3, 2, 32)
+    assert hist[0].abs().max() == 0  # frame 0 has no displacement
+    expected = torch.zeros(2, 32)
+    expected[0, 0], expected[1, 0] = 0.2, 0.5  # weighted by the length, not normalised
+    torch.testing.assert_close(hist[1:, 0], expected)
+    assert hist[:, 1].abs().max() == 0  # point 1 stands still
+
+
+@pytest.mark.parametrize(
+    "degrees, lower, upper, lower_share",
+    [
+        (56.25, 1, 2, 0.75),  # 45 * 1.25: a quarter of the way from bin 1 (45) to bin 2 (90)
+        (80.0, 1, 2, 2 / 9),  # nearer bin 2
+        (90.0, 2, 3, 1.0),  # +y, down in the image: exactly bin 2
+        (-10.0, 7, 0, 2 / 9),  # 350 degrees: between bin 7 (315) and bin 0, nearer bin 0
+        (180.0, 4, 5, 1.0),  # leftward
+    ],
+)
+def test_an_angle_between_two_bins_is_split_nearer_bin_first(degrees, lower, upper, lower_share):
+    angle = math.radians(degrees)
+    positions = torch.zeros(2, 1, 2)
+    positions[1, 0] = 0.3 * torch.tensor([math.cos(angle), math.sin(angle)])
+    hist = orientation_histograms(positions, 8)[1, 0]
+    expected = torch.zeros(8)
+    expected[lower] += 0.3 * lower_share
+    expected[upper] += 0.3 * (1 - lower_share)
+    torch.testing.assert_close(hist, expected)
+
+
+def test_relative_offsets_are_pairwise_and_zero_for_invisible_pairs():
+    g = torch.Generator().manual_seed(0)
+    positions = torch.rand(2, 3, 4, 2, generator=g) * 2 - 1  # [B, S, P, 2]
+    visible = torch.ones(2, 3, 4, dtype=torch.bool)
+    visible[0, 1, 2] = False  # point 2 hidden at frame 1 of clip 0
+    offsets = relative_offsets(positions, visible)
+    assert offsets.shape == (2, 3, 4, 8)
+    pairs = offsets.view(2, 3, 4, 4, 2)  # [..., m, n, (x, y)]
+    for b, s, m, n in [(1, 0, 0, 3), (0, 2, 3, 1), (0, 1, 0, 3), (1, 2, 2, 2)]:
+        torch.testing.assert_close(pairs[b, s, m, n], positions[b, s, m] - positions[b, s, n])
+    assert pairs[0, 1, 2].abs().max() == 0  # the hidden point sees nothing
+    assert pairs[0, 1, :, 2].abs().max() == 0  # and nobody sees it
+    assert pairs[0, 1, 0, 1].abs().min() > 0 and pairs[0, 0, 2, 0].abs().min() > 0
+    shifted = relative_offsets(positions + torch.tensor([0.37, -0.21]), visible)
+    torch.testing.assert_close(shifted, offsets)
+
+
+def motion_inputs(p: int = 6, seed: int = 2):
+    cfg = SMALL
+    features, positions, mask = random_inputs(cfg, b=2, p=p, seed=seed)
+    visible = mask.clone()
+    visible[0, 1:3, 1] = False
+    return features, positions, mask, visible
+
+
+@pytest.mark.parametrize("motion", ["hod", "offsets", "both"])
+def test_motion_tokens_make_the_model_see_trajectories_on_constant_features(motion):
+    # Constant features and no position embeddings: the appearance tokens are the same for
+    # every point and frame, so only the motion tokens can tell two trajectories apart.
+    model = small_model(scrambled=True, motion=motion, num_points=6)
+    zero_embeddings(model)
+    features, positions, mask, visible = motion_inputs()
+    features = torch.ones_like(features)
+    tokens, logits = model(features, positions, mask, visible)
+    assert torch.isfinite(tokens).all() and torch.isfinite(logits).all()
+    moved = positions.clone()
+    moved[0, 2:, 3] += 0.05  # point 3 of clip 0 moves differently from frame 2 on
+    tokens2, logits2 = model(features, moved, mask, visible)
+    assert (logits2[0] - logits[0]).abs().max() > 1e-4
+    torch.testing.assert_close(logits2[1], logits[1])  # clips are embedded independently
+    plain = small_model(scrambled=True, num_points=6)
+    zero_embeddings(plain)
+    _, a = plain(features, positions, mask, visible)
+    _, b = plain(features, moved, mask, visible)
+    torch.testing.assert_close(a, b)  # without motion tokens the model cannot see it
+
+
+def test_motion_layers_are_initialised_like_the_others_and_their_norms_do_not_decay():
+    model = TATsModel(ModelConfig(motion="both"))
+    for embed, in_dim in ((model.hod_embed, 32), (model.offsets_embed, 512)):
+        assert (embed.fc1.in_features, embed.fc1.out_features) == (in_dim, 4 * 768)
+        assert (embed.fc2.in_features, embed.fc2.out_features) == (4 * 768, 768)
+        for linear in (embed.fc1, embed.fc2):
+            # PyTorch's default (what Trokens' layers kept) has std 1 / sqrt(3 * in_features):
+            # 0.10 and 0.010 here, and non-zero biases.
+            assert abs(linear.weight.std().item() - 0.02) < 0.002
+            assert linear.bias.abs().max() == 0
+        assert (embed.norm.weight == 1).all() and (embed.norm.bias == 0).all()
+    spared = model.no_weight_decay()
+    motion = {n for n, _ in model.named_parameters() if n.startswith(("hod_", "offsets_"))}
+    assert {n for n in motion if n.endswith("weight") and ".fc" in n}.isdisjoint(spared)
+    assert motion - spared == {f"{e}.fc{i}.weight" for e in ("hod_embed", "offsets_embed")
+                               for i in (1, 2)}  # fmt: skip
+    assert TATsModel(ModelConfig()).no_weight_decay() == {
+        "space_pos_embed", "time_pos_embed", "cls_token"
+    }  # fmt: skip
+
+
+def test_motion_inputs_are_checked():
+    model = small_model(motion="both", num_points=6)
+    features, positions, mask, visible = motion_inputs()
+    with pytest.raises(ValueError, match="visible: expected bool"):
+        model(features, positions, mask)
+    with pytest.raises(ValueError, match="takes 6 points per clip"):
+        model(features, positions[:, :, :5], mask[..., :5], visible[..., :5])
+    with pytest.raises(ValueError, match="motion"):
+        ModelConfig(motion="flow")
+    hod_only = small_model(motion="hod", num_points=6)
+    hod_only(features, positions, mask)  # the histograms need no visibility
+    assert model.hod_embed is not None and hod_only.offsets_embed is None

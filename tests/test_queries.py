@@ -109,3 +109,21 @@ def test_row_hides_points_before_their_query_frame_and_keeps_the_stored_frames()
     assert (row["visible"][3] == ~outside).all()
     assert row["query_frame"][:n].tolist() == query.tolist()
     np.testing.assert_array_equal(row["positions"][2, :n], tracks[12])
+    assert (row["cluster"] == -1).all()  # grid queries have no clusters
+
+
+def test_a_semantic_row_keeps_every_point_visible_before_its_query_frame():
+    T, H, W = 20, 64, 64
+    config = TracksConfig(queries="semantic", frames=4, subset=3)
+    cluster = np.array([0, 0, 0, 0, 1, 2], np.int32)
+    query = np.array([9, 9, 9, 9, 0, 15], np.int32)
+    tracks = np.full((T, 6, 2), 30.0, np.float32)
+    tracks[:, 0] += 1  # two points 1 px apart: the redundancy filter would drop one
+    tracks[:, 5, 0] = 70  # outside the frame: invisible all the same
+    row = tracks_row(tracks, np.ones((T, 6), bool), query, (T, H, W, 3), config, "clip", cluster)
+    assert row["valid"].sum() == 6 and row["valid"][:6].all()
+    assert row["cluster"][:6].tolist() == cluster.tolist() and (row["cluster"][6:] == -1).all()
+    assert row["visible"][:, :5].all() and not row["visible"][:, 5].any()  # frame 0 < 9 too
+    assert sorted(set(cluster[row["subset"]].tolist())) == [0, 1, 2]  # one per cluster
+    np.testing.assert_array_equal(row["subset"], Q.cluster_subset(cluster, 3,
+                                                                  Q.video_seed("clip")))

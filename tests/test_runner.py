@@ -1,60 +1,88 @@
-"""The runner on its own: whatever a loader or compute raises for one video, the rest is done."""
+"""The runner on its own: whatever a loader or compute does to one video, the rest is done.
 
-import numpy as np
+The loader is a test decoder (tests/fault_stages.py) that raises, hangs or crashes its process
+on chosen videos; everything else is real: a Zarr store, forked decoding processes, the ledger
+and the leases.
+"""
+
+import os
+import time
+from pathlib import Path
+
 import pytest
+from fault_stages import CountingRecipe, CountingStage, fake_videos
 
-from tats.manifest import Manifest, VideoRow
 from tats.pipeline.ledger import Ledger
-from tats.pipeline.runner import run_stage
-from tats.stores import FEATURES, RowStore, features_fields
-
-FIELDS = features_fields(views=1, frames=2, grid=1, dim=3)
+from tats.pipeline.runner import RunOptions, run_stage
 
 
-def load(row: VideoRow) -> int:
-    """Module level, so that worker processes can unpickle it."""
-    if row.video_id == "bad-load":
-        raise ValueError("odd pixel format")
-    return row.row
+def _store(tmp_path: Path, ids: list[str], shard_size: int = 3):
+    manifest = fake_videos(tmp_path, ids)
+    store = CountingRecipe(shard_size).open_store(tmp_path / "s.zarr", manifest, None)
+    return manifest, store
 
 
-class CountingStage:
-    """Writes each row's index into its features; compute fails on one video."""
+def _done_rows(store) -> list[int]:
+    return sorted(r for rec in Ledger(store.ledger_dir).records().values() for r in rec.done)
 
-    loader = staticmethod(load)
-    batch_size = 2
 
-    def compute(self, rows, inputs):
-        if any(r.video_id == "bad-compute" for r in rows):
-            raise RuntimeError("out of range")
-        return [
-            {
-                "features": np.full(FIELDS["features"].shape, i, np.float16),
-                "frames": np.array([0, 1], np.int32),
-                "num_frames": np.int32(2),
-                "view_seed": np.array([0]),
-            }
-            for i in inputs
-        ]
+def _children() -> set[int]:
+    """Live child processes of this process (Linux /proc)."""
+    me, found = os.getpid(), set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == me and stat[0] != "Z":
+                found.add(int(entry.name))
+    return found
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_failing_loader_or_compute_costs_only_its_video(tmp_path, workers):
-    ids = ["a", "bad-load", "b", "bad-compute", "c"]
-    rows = tuple(VideoRow(i, v, tmp_path / f"{v}.mp4", "x", "train") for i, v in enumerate(ids))
-    manifest = Manifest(tmp_path / "m.csv", rows, "0" * 64)
-    store = RowStore.create_or_open(tmp_path / "s.zarr", FEATURES, FIELDS, 5, 3, {"test": 1})
+    manifest, store = _store(tmp_path, ["a", "bad-load", "b", "bad-compute", "c"])
 
-    summary = run_stage(CountingStage(), store, manifest, [0, 1], workers=workers, progress=False)
+    options = RunOptions(workers=workers, progress=False)
+    summary = run_stage(CountingStage(), store, manifest, [0, 1], options)
 
     assert summary.videos_done == 3
     errors = {f.video_id: f.error for f in summary.failures}
     assert errors == {
-        "bad-load": f"{rows[1].path}: ValueError: odd pixel format",
+        "bad-load": f"{manifest.rows[1].path}: ValueError: odd pixel format",
         "bad-compute": "RuntimeError: out of range",
     }
-    records = Ledger(store.ledger_dir).records()
-    assert sorted(r for rec in records.values() for r in rec.done) == [0, 2, 4]
+    assert _done_rows(store) == [0, 2, 4]
     written = store.read_rows(range(5))
     assert written["num_frames"].tolist() == [2, 0, 2, 0, 2]
     assert written["features"][4].min() == 4
+
+
+def test_a_hanging_video_times_out_and_the_rest_finish(tmp_path):
+    manifest, store = _store(tmp_path, ["a", "b", "hang", "c", "d", "e", "f"])
+    before = _children()  # helpers of earlier tests (a resource tracker, say) are not ours
+    tic = time.monotonic()
+    options = RunOptions(workers=2, video_timeout=3, progress=False)
+    summary = run_stage(CountingStage(), store, manifest, [0, 1, 2], options)
+    assert time.monotonic() - tic < 60
+    assert [(f.video_id, f.error) for f in summary.failures] == [
+        ("hang", f"{manifest.rows[2].path}: decoding timed out after 3 s (its process was killed)")
+    ]
+    assert _done_rows(store) == [0, 1, 3, 4, 5, 6]
+    deadline = time.monotonic() + 5  # the killed process may take a moment to go
+    while _children() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _children() - before, "a decoding process outlived the run"
+
+
+def test_a_video_that_crashes_its_decoder_twice_is_failed_alone(tmp_path):
+    manifest, store = _store(tmp_path, ["a", "crash", "b", "crash-once", "c", "d"])
+    summary = run_stage(
+        CountingStage(), store, manifest, [0, 1], RunOptions(workers=2, progress=False)
+    )
+    assert [f.video_id for f in summary.failures] == ["crash"]
+    assert "crashed its process 2 times (signal SIGSEGV)" in summary.failures[0].error
+    # The video whose process was killed once (as by the out-of-memory killer) was redone.
+    assert _done_rows(store) == [0, 2, 3, 4, 5]
+    assert (tmp_path / "crash-once.crashed").exists()

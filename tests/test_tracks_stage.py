@@ -1,10 +1,7 @@
 """`tats-extract tracks` end to end: resume after SIGKILL, concurrent shares, bad videos."""
 
-import json
 import os
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +9,7 @@ import pytest
 from stage_helpers import (
     EXTRACT,
     arrays,
+    assert_each_unit_held_once_at_a_time,
     assert_same,
     break_two_videos,
     finish,
@@ -22,6 +20,7 @@ from stage_helpers import (
 )
 
 from tats.manifest import read_manifest
+from tats.pipeline.leases import read_log
 from tats.pipeline.status import store_status, verify_store
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.synth import SynthConfig, generate
@@ -80,24 +79,18 @@ def test_three_shares_started_at_once_build_the_same_store(dataset, reference, t
         assert code == 0, stderr
     assert_same(arrays(out), reference)
     assert verify_store(out, progress=False) == []
-    # Six units over three processes: two each, in contiguous shares.
-    pids = {u: json.loads(t)["pid"] for u, t in records(out).items()}
-    assert len(set(pids.values())) == 3
-    assert pids["unit-000000.json"] == pids["unit-000001.json"]
+    # Every unit computed once, by one process at a time.
+    held = assert_each_unit_held_once_at_a_time(out)
+    assert all(len(spans) == 1 for spans in held.values()) and len(held) == 6
 
 
-def test_slurm_array_variables_pick_the_share(dataset, reference, tmp_path):
+def test_a_slurm_task_id_alone_picks_its_share_of_the_fixed_count(dataset, reference, tmp_path):
     out = tmp_path / "tracks.zarr"
-    for task in (4, 5):  # an array --array=4-5: tasks 4 and 5 of 2
-        env = {
-            **os.environ,
-            "SLURM_ARRAY_TASK_ID": str(task),
-            "SLURM_ARRAY_TASK_COUNT": "2",
-            "SLURM_ARRAY_TASK_MIN": "4",
-        }
-        code, _, stderr = finish(_extract(dataset, out, "--workers", "0", env=env))
-        assert code == 0, stderr
-        assert len(records(out)) == (3 if task == 4 else 6)
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2"}  # resubmitted alone: --array=2
+    code, _, stderr = finish(_extract(dataset, out, "--workers", "0", "--num-shards", "3", env=env))
+    assert code == 0, stderr
+    claims = [e["unit"] for e in read_log(out / "leases") if e["event"] == "claim"]
+    assert claims == [4, 5, 1, 0, 3, 2]  # its share, then the others' from their ends
     assert_same(arrays(out), reference)
 
 
@@ -163,36 +156,6 @@ def test_a_dask_local_cluster_builds_the_same_store(dataset, reference, tmp_path
     assert again.units == 0 and again.units_skipped == 6
 
 
-def _slurm_is_up() -> bool:
-    if shutil.which("sbatch") is None:
-        return False
-    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-    return result.returncode == 0 and "idle" in result.stdout
-
-
-@pytest.mark.skipif(not _slurm_is_up(), reason="no Slurm here (.ci/slurm-up starts one)")
-def test_a_slurm_job_array_builds_the_same_store(dataset, reference, tmp_path):
-    out = tmp_path / "tracks.zarr"
-    script = tmp_path / "tracks.sbatch"
-    submit = subprocess.run(
-        [EXTRACT, "sbatch", "tracks", "--tasks", "3", "--cpus-per-task", "1",
-         "--script", str(script), "--logs", str(tmp_path / "logs"), "--submit", "--",
-         "--manifest", str(dataset), "--out", str(out), *OPTIONS, "--workers", "0"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.split("submitted job ")[1].strip()
-    deadline = time.time() + 600
-    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout:
-        assert time.time() < deadline, "the job array did not finish in 10 minutes"
-        time.sleep(2)
-    logs = sorted((tmp_path / "logs").glob("*.out"))
-    assert len(logs) == 3, logs
-    assert_same(arrays(out), reference)
-    pids = {json.loads(t)["pid"] for t in records(out).values()}
-    assert len(pids) == 3  # each array task took its own share
-
-
 def test_sbatch_checks_the_stage_options_first(dataset, tmp_path):
     run = subprocess.run(
         [EXTRACT, "sbatch", "tracks", "--tasks", "2", "--script", str(tmp_path / "s"), "--",
@@ -201,3 +164,28 @@ def test_sbatch_checks_the_stage_options_first(dataset, tmp_path):
     )  # fmt: skip
     assert run.returncode == 2 and "--grid" in run.stderr
     assert not (tmp_path / "s").exists()
+    for given in (["--shard-index=0"], ["--num-shards", "4"]):
+        run = subprocess.run(
+            [EXTRACT, "sbatch", "tracks", "--tasks", "2", "--script", str(tmp_path / "s"), "--",
+             "--manifest", str(dataset), "--out", str(tmp_path / "o"), *given],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert run.returncode == 2 and "the array task picks its share" in run.stderr
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "stage, missing, weightless",
+    [("tracks", "no CoTracker3 offline weights", "--tracker lk needs no weights"),
+     ("features", "no weights for backbone 'dinov2_vitb14'", "--backbone pixels needs no weights")],
+)  # fmt: skip
+def test_the_paper_defaults_without_weights_say_where_to_put_them(
+    dataset, tmp_path, stage, missing, weightless
+):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / f"{stage}.zarr"
+    code, _, stderr = finish(start(stage, dataset, out, "--no-progress", env=env))
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1
+    assert missing in stderr and weightless in stderr
+    assert not out.exists()

@@ -17,15 +17,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tats.checkpoints import load_checkpoint
 from tats.cli.train import app
 from tats.manifest import read_manifest
 from tats.model import ModelConfig, TATsModel
+from tats.runtime import autocast_dtype
 from tats.train import (
     TrainConfig,
-    autocast_dtype,
     config_from_dict,
     learning_rate,
-    load_checkpoint,
     param_groups,
     read_config_file,
     train,
@@ -84,6 +84,51 @@ def test_weight_decay_spares_only_the_embeddings_and_cls_token():
     assert names == {"space_pos_embed", "time_pos_embed", "cls_token"}
     # Everything else decays, biases and norms included, as in the original.
     assert len(decay["params"]) + 3 == len(list(model.parameters()))
+
+
+def test_motion_embeddings_decay_their_weights_only():
+    cfg = ModelConfig(feature_dim=16, num_heads=2, num_frames=4, grid_size=4, motion="both",
+                      num_points=6)  # fmt: skip
+    model = TATsModel(cfg)
+    decay, no_decay = param_groups(model, 0.5)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    for embed in ("hod_embed", "offsets_embed"):
+        assert {f"{embed}.fc1.weight", f"{embed}.fc2.weight"} <= decayed
+        assert {f"{embed}.fc1.bias", f"{embed}.fc2.bias", f"{embed}.norm.weight",
+                f"{embed}.norm.bias"} <= spared  # fmt: skip
+    assert "blocks.0.mlp_norm.weight" in decayed  # the rest decays as in the original
+
+
+def test_method_presets_fill_only_the_options_not_given(synth_stores, tmp_path):
+    base = stores_options(synth_stores, tmp_path / "run")
+    trokens = config_from_dict({**base, "method": "trokens"})
+    assert (trokens.mask, trokens.cluster_sampling, trokens.motion) == ("visible", True, "both")
+    assert config_from_dict({**base, "method": "tats"}) == config_from_dict(base)  # the defaults
+    ablation = config_from_dict({**base, "method": "trokens", "motion": "hod", "mask": "query"})
+    assert (ablation.mask, ablation.cluster_sampling, ablation.motion) == ("query", True, "hod")
+    tats_motion = config_from_dict({**base, "method": "tats", "motion": "both"})
+    assert (tats_motion.mask, tats_motion.cluster_sampling, tats_motion.motion) == (
+        "query", False, "both",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="run.json: method 'trok' is not one of tats, trokens"):
+        config_from_dict({**base, "method": "trok"}, "run.json")
+    with pytest.raises(ValueError, match="exclude each other"):
+        config_from_dict({**base, "method": "trokens", "fresh_subset": True})
+    # On the command line, and on stores without clusters: the preset asked for cluster sampling.
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"method": "tats", "motion": "hod"}))
+    cli = CliRunner().invoke(app, [
+        "--tracks", str(synth_stores.tracks), "--features", str(synth_stores.features),
+        "--manifest", str(synth_stores.manifest), "--out", str(tmp_path / "cli"),
+        "--config", str(config_file), "--method", "trokens", "--workers", "0", "--way", "3",
+        "--train-queries", "2",
+    ])  # fmt: skip
+    assert cli.exit_code == 2, cli.output
+    assert "cluster sampling needs each point's cluster" in cli.stderr
+    assert "queries uniform:8" in cli.stderr
+    assert not (tmp_path / "cli").exists()  # refused before anything was written
 
 
 def test_config_checks_and_files(tmp_path):
@@ -216,6 +261,28 @@ def test_resume_after_kill_continues_to_the_same_weights(synth_stores, tmp_path)
     # Resuming with a setting that changes what is trained is refused.
     with pytest.raises(ValueError, match="cannot resume with lr=0.01"):
         train(config(synth_stores, killed, resume=True, **{**options, "lr": 1e-2}))
+
+
+def test_a_resumed_trokens_run_equals_an_uninterrupted_one(semantic_stores, tmp_path):
+    # Cluster sampling draws every training read anew and the motion tokens add layers: a run
+    # stopped after epoch 1 and resumed (as after a kill) must still reach the same weights.
+    options = dict(method="trokens", episodes=6, epochs=2, depth=2, lr_steps=[1],
+                   val_episodes=4, test_episodes=0, train_queries=1)  # fmt: skip
+    straight = train(config(semantic_stores, tmp_path / "straight", **options))
+    stopped = config(semantic_stores, tmp_path / "resumed", **{**options, "epochs": 1})
+    assert (stopped.mask, stopped.cluster_sampling, stopped.motion) == ("visible", True, "both")
+    train(stopped)
+    resumed = train(config(semantic_stores, tmp_path / "resumed", resume=True, **options))
+    a = load_checkpoint(straight.last_checkpoint)
+    b = load_checkpoint(resumed.last_checkpoint)
+    assert b["model_config"]["motion"] == "both" and b["epoch"] == 2
+    assert any(name.startswith("offsets_embed.") for name in b["model"])
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    same = ("loss", "train_accuracy", "val_accuracy", "episode_digests", "lr")
+    assert [{k: r[k] for k in same} for r in straight.history] == [
+        {k: r[k] for k in same} for r in resumed.history
+    ]
 
 
 def test_frozen_tracks_baseline_trains(synth_stores, tmp_path):

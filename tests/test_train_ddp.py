@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tats.checkpoints import load_checkpoint
 from tats.episodes import EpisodeData, EpisodeSpec, ReadOptions
-from tats.train import evaluate, load_checkpoint
+from tats.evaluate import evaluate
 
 BIN = Path(sys.executable).parent
 
@@ -68,3 +69,15 @@ def test_torchrun_two_ranks_draw_distinct_episodes(synth_stores, tmp_path):
         torch.set_num_threads(threads)
     assert alone.confusion.tolist() == test["confusion"]
     assert alone.accuracy == test["accuracy"]
+
+    # Resuming the two-rank run in one process would draw other episodes: refused, one line.
+    more = json.dumps({**options, "epochs": 3, "resume": True})
+    config_file.write_text(more)
+    alone_run = subprocess.run(
+        [str(BIN / "tats-train"), "--config", str(config_file)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert alone_run.returncode == 2, alone_run.stdout + alone_run.stderr
+    errors = [line for line in alone_run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot resume: the run was trained with 2 processes" in errors[0]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2

@@ -2,11 +2,11 @@
 
 import typer
 
-from tats.cli import extract, manifest, run, synth, train
+from tats.cli import extract, manifest, predict, report, run, synth, train, viz
 
 app = typer.Typer(
     help="Few-shot action recognition with trajectory-aligned tokens: manifests, synthetic data, "
-    "extraction of tracks and features into Zarr stores, training and evaluation.",
+    "extraction of tracks and features into Zarr stores, training and evaluation, prediction.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -16,3 +16,6 @@ app.add_typer(extract.app, name="extract")
 app.command("train", help=train.HELP)(train.main)
 app.command("synth")(synth.synth)
 app.command("run")(run.run)
+app.command("predict", help=predict.HELP)(predict.predict)
+app.add_typer(viz.app, name="viz")
+app.command("report")(report.report)

@@ -1,7 +1,8 @@
-"""What every command shares: one-line errors with exit code 2 for bad input."""
+"""What every command shares: exit codes, one-line errors, and a graceful SIGTERM."""
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,23 +12,63 @@ import typer
 # Commands print library warnings as one plain line, not as source locations.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
-# Exit codes of the extraction and training commands.
-OK, SOME_FAILED, BAD_INPUT = 0, 1, 2
+# Exit codes of the extraction and training commands: 0 all done; 1 some videos failed (they
+# are listed; a rerun retries them); 2 bad input (nothing was computed from it); 3 the
+# infrastructure failed (a full disk, a permission, lost cluster workers): finished work is
+# kept and a rerun resumes.
+OK, SOME_FAILED, BAD_INPUT, INFRASTRUCTURE = 0, 1, 2, 3
 
 
-def fail(message: str) -> typer.Exit:
+def fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
     """Print `message` as one line on stderr; return the exit to raise (code 2)."""
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(BAD_INPUT)
+    return typer.Exit(code)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 @contextmanager
 def input_errors() -> Iterator[None]:
-    """Turn the library's input errors into one line on stderr and exit code 2."""
+    """Turn the library's errors into one line on stderr: bad input exits 2, the failures of
+    the machine (OSError but a missing input file, lost Dask workers) exit 3."""
     from tats.manifest import ManifestError
+    from tats.pipeline.executors import InfrastructureError
     from tats.stores import StoreError
 
     try:
         yield
     except (ManifestError, StoreError, ValueError, FileNotFoundError) as error:
-        raise fail(" ".join(str(error).split()) or type(error).__name__) from None
+        raise fail(_one_line(error)) from None
+    except InfrastructureError as error:
+        raise fail(_one_line(error), INFRASTRUCTURE) from None
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        problem = error.strerror or _one_line(error)
+        message = f"{where}{problem}; finished work is kept, rerun to resume"
+        raise fail(message, INFRASTRUCTURE) from None
+
+
+@contextmanager
+def graceful_termination() -> Iterator[None]:
+    """SIGTERM (Slurm's scancel, a preemption) ends the command as Ctrl-C does: the shard
+    being written is finished, leases are released, decoders stopped; exit 143 (130 for
+    Ctrl-C)."""
+
+    def stop(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        what = "terminated" if isinstance(interrupt, _Terminated) else "interrupted"
+        typer.echo(f"error: {what}; finished units are kept, rerun to resume", err=True)
+        raise typer.Exit(143 if isinstance(interrupt, _Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, like Ctrl-C's KeyboardInterrupt."""

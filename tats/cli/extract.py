@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 import typer
 
-from tats.cli.common import OK, SOME_FAILED, fail, input_errors
+from tats.cli.common import (
+    INFRASTRUCTURE,
+    OK,
+    SOME_FAILED,
+    fail,
+    graceful_termination,
+    input_errors,
+)
 
 # Literal copies keep `--help` fast: importing the backbones module pulls in torch.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -17,7 +24,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 app = typer.Typer(
     help="Stage one: extract point tracks (tracks) and patch features (features) of every "
     "video in a dataset manifest into resumable, sharded Zarr stores. Rerun the same command "
-    "to resume; `status` and `verify` inspect a store.",
+    "to resume; `status` and `verify` inspect a store. Exit codes: 0 all done, 1 some videos "
+    "failed (listed; a rerun retries them), 2 bad input, 3 the machine or cluster failed (a "
+    "full disk, a permission, lost workers; a rerun resumes).",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -29,15 +38,26 @@ VIDEO_ROOT = typer.Option(
 )
 SHARD_INDEX = typer.Option(
     None,
-    help="Which share of the work this process takes, 0-based [default: $SLURM_ARRAY_TASK_ID, "
-    "else $RANK, else 0].",
+    help="Which share of the work this process starts with, 0-based (it then helps with units "
+    "nobody holds; leases keep every unit to one process at a time) [default: "
+    "$SLURM_ARRAY_TASK_ID, else $RANK, else 0].",
 )
 NUM_SHARDS = typer.Option(
     None,
     help="Into how many even, contiguous shares the work is split [default: "
-    "$SLURM_ARRAY_TASK_COUNT, else $WORLD_SIZE, else 1].",
+    "$SLURM_ARRAY_TASK_MAX + 1, else $WORLD_SIZE, else 1].",
 )
-WORKERS = typer.Option(2, help="Decoding processes running ahead of compute (0: decode inline).")
+WORKERS = typer.Option(
+    2, help="Decoding processes running ahead of compute (0: decode inline, no time limit)."
+)
+VIDEO_TIMEOUT = typer.Option(
+    600.0, help="Seconds a video may take to decode before it is recorded as failed and its "
+    "decoding process replaced (0: no limit)."
+)
+LEASE_TIMEOUT = typer.Option(
+    180.0, help="Seconds without a heartbeat after which a unit's lease is taken over by another "
+    "worker (a holder's death on the same host is noticed at once)."
+)
 FRAMES = typer.Option(8, help="Frames stored per video (the frames training uses).")
 FPS = typer.Option(10.0, help="Track time base in frames per second; 0 keeps the native rate.")
 WEBM_NATIVE = typer.Option(
@@ -56,20 +76,27 @@ SCHEDULER = typer.Option(
 
 
 def parse_options(items: list[str]) -> dict:
-    """KEY=VALUE strings -> keyword arguments; values read as JSON where they parse."""
+    """KEY=VALUE strings -> keyword arguments; values read as JSON where they parse (lists
+    become tuples: options are part of a stage's identity, so they must be hashable)."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"--tracker-option {item!r}: expected KEY=VALUE")
         try:
-            options[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+            parsed = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(parsed, list):
+            parsed = tuple(parsed)
+        if isinstance(parsed, dict):
+            raise ValueError(f"--tracker-option {item!r}: a value is a number, word or list")
+        options[key] = parsed
     return options
 
 
-def _finish(summary, what: str) -> None:
+def report(summary, what: str) -> None:
+    """Print what a stage did: counts, then each failed video and each unit left to others."""
     skipped = f", {summary.units_skipped} units already done" if summary.units_skipped else ""
     typer.echo(
         f"{what}: {summary.videos_done} videos done, {len(summary.failures)} failed "
@@ -77,6 +104,15 @@ def _finish(summary, what: str) -> None:
     )
     for f in summary.failures:
         typer.echo(f"  failed row {f.row} ({f.video_id}): {f.error}", err=True)
+    if summary.units_elsewhere:
+        held = ", ".join(summary.units_elsewhere)
+        typer.echo(f"  in progress in other workers: {held}", err=True)
+    if summary.units_lost:
+        typer.echo(f"  {summary.units_lost} units were taken over by other workers", err=True)
+
+
+def _finish(summary, what: str) -> None:
+    report(summary, what)
     raise typer.Exit(SOME_FAILED if summary.failures else OK)
 
 
@@ -85,7 +121,11 @@ def tracks(
     manifest: Path = MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="The tracks store (a .zarr folder)."),
     video_root: Path | None = VIDEO_ROOT,
-    tracker: str = typer.Option("lk", help="Point tracker: lk, cotracker3, cotracker3-online."),
+    tracker: str = typer.Option(
+        "cotracker3",
+        help="Point tracker: cotracker3 (needs its weights), cotracker3-online, or lk "
+        "(OpenCV Lucas-Kanade, no weights).",
+    ),
     checkpoint: Path | None = typer.Option(
         None, help="Tracker weights (.pth) [default: the torch hub cache, where it has them]."
     ),
@@ -97,7 +137,37 @@ def tracks(
     ),
     grid: int = typer.Option(16, help="Grid size G: G x G points at every query frame."),
     queries: str = typer.Option(
-        "uniform:8", help="Query frames: uniform:K (K-1 frames), beginning, middle, interval:k."
+        "uniform:8",
+        help="Query frames of the grid: uniform:K (K-1 frames), beginning, middle, interval:k; "
+        "or semantic (Trokens: points on clusters of patch features, tracked both ways; the "
+        "options below).",
+    ),
+    cluster_method: str | None = typer.Option(
+        None, help="Semantic queries: bipartite (token merging) or kmeans [default: bipartite]."
+    ),
+    cluster_frames: int | None = typer.Option(
+        None, help="Semantic queries: frames clustered, uniformly spread [default: 32]."
+    ),
+    merge_threshold: float | None = typer.Option(
+        None, help="Semantic queries, bipartite: a later frame's centroid is a new cluster when "
+        "its best cosine similarity to the clusters so far is below this [default: 0.2]."
+    ),
+    kmeans_clusters: int | None = typer.Option(
+        None, help="Semantic queries, kmeans: the number of clusters [default: 32]."
+    ),
+    points_per_cluster: int | None = typer.Option(
+        None, help="Semantic queries: query points per cluster [default: 16]."
+    ),
+    max_clusters: int | None = typer.Option(
+        None, help="Semantic queries: clusters kept, the largest (the store has room for "
+        "max-clusters x points-per-cluster points) [default: 32]."
+    ),
+    cluster_backbone: str | None = typer.Option(
+        None, help="Semantic queries: the features clustered, a --backbone of the features "
+        "stage (pixels: weight-free) [default: dinov2_vitb14]."
+    ),
+    cluster_weights: Path | None = typer.Option(
+        None, help="Semantic queries: the clustering backbone's weights [default: its caches]."
     ),
     frames: int = FRAMES,
     fps: float = FPS,
@@ -109,6 +179,10 @@ def tracks(
     max_points: int | None = typer.Option(
         None, help="Room for kept points [default: G^2 x query frames; needed for interval:k]."
     ),
+    max_side: int = typer.Option(
+        512, help="Decode frames with their longer side at most this many px (0: native size); "
+        "positions are stored in pixels of the video file either way."
+    ),
     shard_size: int = SHARD_SIZE,
     shard_index: int | None = SHARD_INDEX,
     num_shards: int | None = NUM_SHARDS,
@@ -117,13 +191,31 @@ def tracks(
     device: str = typer.Option("cpu", help="Where the tracker runs: cpu, cuda, cuda:1, ..."),
     executor: str = EXECUTOR,
     scheduler: str | None = SCHEDULER,
+    video_timeout: float = VIDEO_TIMEOUT,
+    lease_timeout: float = LEASE_TIMEOUT,
     progress: bool = PROGRESS,
 ) -> None:
-    """Track a grid of points from every query frame through every video into OUT."""
+    """Track query points through every video into OUT: a grid at every query frame, or
+    semantic points (--queries semantic) tracked both ways."""
     from tats.manifest import read_manifest
-    from tats.pipeline.tracks import TracksConfig, extract_tracks
+    from tats.pipeline.semantic import SemanticConfig
+    from tats.pipeline.tracks import SEMANTIC, TracksConfig, extract_tracks
 
-    with input_errors():
+    with graceful_termination(), input_errors():
+        semantic_options = {
+            "--cluster-method": ("method", cluster_method),
+            "--cluster-frames": ("frames", cluster_frames),
+            "--merge-threshold": ("threshold", merge_threshold),
+            "--kmeans-clusters": ("kmeans_clusters", kmeans_clusters),
+            "--points-per-cluster": ("points_per_cluster", points_per_cluster),
+            "--max-clusters": ("max_clusters", max_clusters),
+            "--cluster-backbone": ("backbone", cluster_backbone),
+            "--cluster-weights": (None, cluster_weights),
+        }
+        given = {flag: item for flag, item in semantic_options.items() if item[1] is not None}
+        if queries != SEMANTIC and given:
+            raise ValueError(f"{', '.join(given)}: only with --queries semantic")
+        semantic = {name: value for name, value in given.values() if name is not None}
         config = TracksConfig(
             tracker=tracker,
             grid=grid,
@@ -134,7 +226,9 @@ def tracks(
             min_distance=min_distance,
             subset=subset,
             max_points=max_points,
+            max_side=max_side or None,
             shard_size=shard_size,
+            semantic=SemanticConfig(**semantic) if queries == SEMANTIC else None,
         )
         rows = read_manifest(manifest, video_root)
         summary = extract_tracks(
@@ -146,10 +240,13 @@ def tracks(
             device=device,
             workers=workers,
             batch_videos=batch_videos,
+            cluster_weights=cluster_weights,
             shard_index=shard_index,
             num_shards=num_shards,
             executor=executor,
             scheduler=scheduler,
+            video_timeout=video_timeout or None,
+            lease_timeout=lease_timeout,
             progress=progress,
         )
     _finish(summary, "tracks")
@@ -173,7 +270,9 @@ def features(
     fps: float = FPS,
     webm_native: bool = WEBM_NATIVE,
     views: int = typer.Option(
-        1, help="Views per video: view 0 plain, the others photometrically augmented."
+        5,
+        help="Views per video: view 0 plain, the others photometrically augmented (training "
+        "draws one per read; 1: no augmentation). Each view costs a backbone pass and storage.",
     ),
     augment_ops: int = typer.Option(2, help="RandAugment ops per augmented view."),
     augment_magnitude: float = typer.Option(10.0, help="RandAugment magnitude (0..10)."),
@@ -188,6 +287,8 @@ def features(
     device: str = typer.Option("cpu", help="Where the backbone runs: cpu, cuda, cuda:1, ..."),
     executor: str = EXECUTOR,
     scheduler: str | None = SCHEDULER,
+    video_timeout: float = VIDEO_TIMEOUT,
+    lease_timeout: float = LEASE_TIMEOUT,
     progress: bool = PROGRESS,
 ) -> None:
     """Encode the stored frames of every video (and its augmented views) into OUT."""
@@ -196,7 +297,7 @@ def features(
     from tats.pipeline.backbones import Preprocess
     from tats.pipeline.features import FeaturesConfig, extract_features
 
-    with input_errors():
+    with graceful_termination(), input_errors():
         config = FeaturesConfig(
             backbone=backbone,
             frames=frames,
@@ -220,6 +321,8 @@ def features(
             num_shards=num_shards,
             executor=executor,
             scheduler=scheduler,
+            video_timeout=video_timeout or None,
+            lease_timeout=lease_timeout,
             progress=progress,
         )
     _finish(summary, "features")
@@ -241,31 +344,52 @@ def status(store: Path = typer.Argument(..., help="A tracks or features store.")
     )
     for f in s.failures:
         typer.echo(f"  failed row {f.row} ({f.video_id}): {f.error}")
+    for lease in s.in_progress:
+        typer.echo(f"  in progress: {lease}")
 
 
 @app.command()
 def verify(
     store: Path = typer.Argument(..., help="A tracks or features store."),
+    allow_incomplete: bool = typer.Option(
+        False, help="Accept pending units and failed videos (still listed): exit 0 if sound."
+    ),
     progress: bool = PROGRESS,
 ) -> None:
-    """Check every row the ledger calls done, and that no other row holds data."""
-    from tats.pipeline.status import verify_store
+    """Check every row the ledger calls done (sound data, as written), that no other row holds
+    data, and that nothing is pending or failed. Exit 0 sound and complete, 1 incomplete
+    (pending units or failed videos), 3 data that differs from the ledger."""
+    from tats.pipeline.status import store_status, verify_store
 
     with input_errors():
+        s = store_status(store)
         problems = verify_store(store, progress)
     for problem in problems:
         typer.echo(problem, err=True)
     if problems:
-        typer.echo(f"{store}: {len(problems)} problems", err=True)
-        raise typer.Exit(SOME_FAILED)
-    typer.echo(f"{store}: sound")
+        typer.echo(f"{store}: {len(problems)} rows differ from the ledger", err=True)
+        raise typer.Exit(INFRASTRUCTURE)
+    missing = []
+    if s.units_pending:
+        missing.append(f"{s.units_pending} units pending ({s.videos_pending} videos)")
+    if s.failures:
+        missing.append(f"{len(s.failures)} videos failed")
+    for f in s.failures:
+        typer.echo(f"  failed row {f.row} ({f.video_id}): {f.error}", err=True)
+    if missing:
+        typer.echo(f"{store}: sound but incomplete: {', '.join(missing)}", err=True)
+        raise typer.Exit(OK if allow_incomplete else SOME_FAILED)
+    typer.echo(f"{store}: sound and complete")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sbatch(
     ctx: typer.Context,
     stage: str = typer.Argument(..., help="The stage to run: tracks or features."),
-    tasks: int = typer.Option(..., help="Array tasks; each takes an even share of the units."),
+    tasks: int = typer.Option(
+        ..., help="Array tasks; each starts with an even share of the units (the script fixes "
+        "this count, so a task resubmitted alone with --array=K keeps its share)."
+    ),
     script: Path | None = typer.Option(
         None, help="Where to write the script [default: tats-STAGE.sbatch here]."
     ),
@@ -288,8 +412,8 @@ def sbatch(
     args = list(ctx.args)
     if stage not in ("tracks", "features"):
         raise fail(f"unknown stage {stage!r}; use tracks or features")
-    if {"--shard-index", "--num-shards"} & set(args):
-        raise fail("the array task picks the share: leave out --shard-index and --num-shards")
+    with input_errors():
+        command_line = slurm.stage_command(stage, args, tasks)
     command = typer.main.get_command(app).get_command(ctx, stage)
     try:  # check the stage's options now, not in every task of the array
         command.make_context(stage, list(args))
@@ -309,7 +433,117 @@ def sbatch(
         )
         script = script or Path(f"tats-{stage}.sbatch")
         logs.mkdir(parents=True, exist_ok=True)
-        script.write_text(slurm.sbatch_script(slurm.stage_command(stage, args), options))
+        script.write_text(slurm.sbatch_script(command_line, options))
         typer.echo(f"wrote {script} ({tasks} array tasks, logs in {logs}/)")
         if submit:
             typer.echo(f"submitted job {slurm.submit(script)}")
+
+
+@app.command("import-tracks")
+def import_tracks(
+    source: tuple[str, Path] = typer.Option(
+        ..., "--from", help="LAYOUT DIR: tats-pkl or trokens-pkl, and the folder of the "
+        "original extraction's per-video pickles (<video name>.pkl, searched recursively).",
+        show_default=False,
+    ),
+    manifest: Path = MANIFEST,
+    out: Path = typer.Option(..., "--out", "-o", help="The tracks store to write."),
+    trust_pickles: bool = typer.Option(
+        False, "--trust-pickles", help="Read the pickles: unpickling runs whatever code a file "
+        "names, so only for files you or a source you trust wrote."
+    ),
+    video_root: Path | None = VIDEO_ROOT,
+    grid: int = typer.Option(16, help="tats-pkl: the grid size G of the pickles."),
+    queries: str = typer.Option("uniform:8", help="tats-pkl: the pickles' query frames."),
+    points_per_cluster: int = typer.Option(
+        16, help="trokens-pkl: query points per cluster (with --max-clusters, the room)."
+    ),
+    max_clusters: int = typer.Option(
+        32, help="trokens-pkl: clusters per video; the store has room for max-clusters x "
+        "points-per-cluster points."
+    ),
+    frames: int = FRAMES,
+    fps: float = FPS,
+    webm_native: bool = WEBM_NATIVE,
+    min_distance: float = typer.Option(
+        16.0, help="tats-pkl: the redundancy filter, applied as extraction applies it (the "
+        "pickles hold the points it kept)."
+    ),
+    subset: int = typer.Option(256, help="Points in the fixed per-video subset training reads."),
+    max_points: int | None = typer.Option(
+        None, help="tats-pkl: room for kept points [default: G^2 x query frames]."
+    ),
+    shard_size: int = SHARD_SIZE,
+    workers: int = typer.Option(2, help="Processes reading pickles ahead (0: inline)."),
+    lease_timeout: float = LEASE_TIMEOUT,
+    progress: bool = PROGRESS,
+) -> None:
+    """Import the point tracks of the original TATs or Trokens extraction scripts (one pickle
+    per video) into a tracks store, with the same fields and checks as an extracted one: each
+    video's points go through the filter, subset and stored frames of `tracks`, on the time
+    base of its video. Unpickling runs code: without --trust-pickles nothing is read (exit 2).
+    Rerun to resume; a video without a readable pickle is listed as failed (exit 1)."""
+    from tats.interop import import_pickles
+    from tats.manifest import read_manifest
+    from tats.pipeline.semantic import SemanticConfig
+    from tats.pipeline.tracks import SEMANTIC, TracksConfig
+
+    layout, folder = source
+    with graceful_termination(), input_errors():
+        semantic = None
+        if layout == "trokens-pkl":  # Trokens' points are semantic queries
+            semantic = SemanticConfig(points_per_cluster=points_per_cluster,
+                                      max_clusters=max_clusters)  # fmt: skip
+        config = TracksConfig(
+            tracker=f"import:{layout}", grid=grid, queries=SEMANTIC if semantic else queries,
+            frames=frames, fps=fps or None, native_suffixes=(".webm",) if webm_native else (),
+            min_distance=min_distance, subset=subset, max_points=max_points,
+            shard_size=shard_size, semantic=semantic,
+        )  # fmt: skip
+        rows = read_manifest(manifest, video_root)
+        summary = import_pickles(
+            layout, folder, rows, out, config, trust_pickles, workers=workers,
+            video_timeout=None, lease_timeout=lease_timeout, progress=progress,
+        )  # fmt: skip
+    _finish(summary, "import")
+
+
+@app.command("export")
+def export(
+    store: Path = typer.Argument(..., help="A tracks or features store."),
+    out: Path = typer.Argument(..., help="The HDF5 file (h5), or the folder of .npz files."),
+    manifest: Path = MANIFEST,
+    format: str = typer.Option("h5", "--format", help="h5 or npz."),
+    video_root: Path | None = VIDEO_ROOT,
+) -> None:
+    """Export a store for tools that read HDF5 or NumPy files. h5: one chunked, compressed
+    dataset per array (first axis the manifest row), the store's attributes as HDF5
+    attributes, and /manifest, /done and /ledger alongside; `import-h5` reads it back.
+    npz: one <video_id>.npz per done video, with attributes.json and the manifest."""
+    from tats.interop import export_h5, export_npz
+    from tats.manifest import read_manifest
+
+    if format not in ("h5", "npz"):
+        raise fail(f"--format {format!r}: use h5 or npz")
+    with input_errors():
+        rows = read_manifest(manifest, video_root)
+        if format == "h5":
+            typer.echo(f"wrote {export_h5(store, rows, out)}")
+        else:
+            typer.echo(f"wrote {len(export_npz(store, rows, out))} videos to {out}")
+
+
+@app.command("import-h5")
+def import_h5(
+    source: Path = typer.Argument(..., help="An HDF5 file written by `export --format h5`."),
+    out: Path = typer.Option(..., "--out", "-o", help="The store to make (must not exist)."),
+    manifest_out: Path | None = typer.Option(
+        None, help="Also write the manifest the store was made for (the same bytes)."
+    ),
+) -> None:
+    """Make the store of an HDF5 export again: the same arrays, attributes and ledger, each
+    done row checked against its digest."""
+    from tats.interop import import_h5 as read_h5
+
+    with input_errors():
+        typer.echo(f"wrote {read_h5(source, out, manifest_out)}")

@@ -56,17 +56,37 @@ def main(
     epochs: int = typer.Option(None, help="Epochs [50]."),
     val_episodes: int = typer.Option(None, help="Val episodes after each epoch; 0: none [1000]."),
     test_episodes: int = typer.Option(None, help="Test episodes at the end; 0: none [10000]."),
+    method: str = typer.Option(
+        None,
+        help="A preset of the options below that make a method, filled in where not given: "
+        "tats (--mask query, --no-cluster-sampling, --motion none: the defaults) or trokens "
+        "(--mask visible, --cluster-sampling, --motion both; needs semantic-queries tracks).",
+    ),
     tracks_mode: str = typer.Option(
         None,
         help="tracks [default], or frozen: the first query frame's grid fixed where it "
         "starts (the appearance-only baseline).",
     ),
     mask: str = typer.Option(
-        None, help="query: points exist from their query frame on [default]; visible."
+        None,
+        help="query: points exist from their query frame on [default]; visible: only where "
+        "the tracker saw them (Trokens).",
     ),
     fresh_subset: bool = typer.Option(
         None, "--fresh-subset/--stored-subset", help="A new random point subset per read."
     ),
+    cluster_sampling: bool = typer.Option(
+        None,
+        "--cluster-sampling/--no-cluster-sampling",
+        help="Trokens: a new subset per training read, at least one point per cluster and the "
+        "rest by cluster size (semantic-queries tracks); evaluation reads the stored subset.",
+    ),
+    motion: str = typer.Option(
+        None,
+        help="Motion tokens: none [default], hod (histograms of oriented displacements), "
+        "offsets (relative offsets to every point), both (Trokens).",
+    ),
+    hod_bins: int = typer.Option(None, help="Bins of the displacement histograms [32]."),
     augment: bool = typer.Option(
         None, "--augment/--no-augment", help="A random feature view per training clip [on]."
     ),
@@ -94,7 +114,8 @@ def main(
     """Train on the train split, select on val, evaluate on test; or --eval-only."""
     options = {k: v for k, v in locals().items() if k not in ("config", "eval_only", "checkpoint")}
     given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
-    from tats.train import config_from_dict, evaluate, read_config_file, train
+    from tats.evaluate import evaluate
+    from tats.train import config_from_dict, read_config_file, train
 
     if "lr_steps" in given:
         given["lr_steps"] = _steps(given["lr_steps"])

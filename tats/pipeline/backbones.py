@@ -86,12 +86,19 @@ class Backbone(ABC):
         return side, side
 
     @property
+    def precision(self) -> str:
+        """The arithmetic of `forward`: bf16 autocast on CUDA, fp32 elsewhere."""
+        return "bf16" if self.device.type == "cuda" else "fp32"
+
+    @property
     def identity(self) -> dict:
-        """What produced a set of features; written into the features store for provenance."""
+        """What produced a set of features; written into the features store for provenance
+        (the precision too: a store is never finished half in bf16 and half in fp32)."""
         return {
             "name": self.name,
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess.to_dict(),
+            "precision": self.precision,
         }
 
     @abstractmethod
@@ -211,7 +218,7 @@ def _find_dinov2_weights(name: str) -> Path:
     raise FileNotFoundError(
         f"no weights for backbone {name!r}: pass --weights PATH (the official "
         f"{DINOV2_URL}/{base}/{stem}_pretrain.pth, or model.safetensors of the Hugging Face "
-        f"repo timm/{timm_name}.lvd142m); looked in: {looked}"
+        f"repo timm/{timm_name}.lvd142m; --backbone pixels needs no weights); looked in: {looked}"
     )
 
 
@@ -313,7 +320,7 @@ class Dinov2Backbone(Backbone):
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
+        if self.precision == "bf16":
             images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 tokens = self.model.forward_features(images)
@@ -342,6 +349,7 @@ class PixelsBackbone(Backbone):
     patch_size = 14
     dim = 64
     weights_sha256 = None
+    precision = "fp32"  # on every device
 
     def __init__(
         self,

@@ -1,27 +1,40 @@
 """Where a stage's work units run: in this process (with its decoders), or on a Dask cluster.
 
 A stage is described by a recipe: a small picklable object that can build the stage (tracker
-or backbone included) and open its store in any process. A Dask task rebuilds the stage once
-per worker process, runs one unit decoding inline, and writes its own shard and ledger record
-exactly as a local run would; the ledger makes a task that Dask retries or runs twice harmless,
-and rerunning the command resumes a cluster run like any other.
+or backbone included) and open its store in any process, checking the store's provenance
+there too. Both executors run units through `run_stage`, so leases, durable writes and the
+per-video bounds are the same everywhere.
+
+On Dask, each task runs one unit with one decoding process of its own (a decoder that crashes
+takes only that process down). A worker lost while holding a unit has its task retried once
+elsewhere (on the LocalCluster this module starts; a scheduler of your own retries as its
+`distributed.scheduler.allowed-failures` says); a unit whose task keeps killing its worker
+(`KilledWorker`) gets the video its worker was computing recorded as failed, from the dead
+holder's lease progress, and runs again without it. Any other error of a task is reported
+with its unit and stops the run as an infrastructure error once the other units are done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from functools import lru_cache, partial
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
 from tqdm import tqdm
 
 from tats.manifest import Manifest
-from tats.pipeline.plan import my_units, resolve_share
-from tats.pipeline.runner import RunSummary, Stage, run_stage
+from tats.pipeline.leases import read_lease, read_progress
+from tats.pipeline.ledger import Ledger
+from tats.pipeline.plan import my_units, resolve_share, unit_order
+from tats.pipeline.runner import Blame, RunOptions, RunSummary, Stage, check_sources, run_stage
 from tats.stores import RowStore
 
 EXECUTORS = ("local", "dask")
+# Retries of a Dask task whose worker died (the LocalCluster started here): once elsewhere.
+ALLOWED_FAILURES = 1
 
 
 class Recipe(Hashable, Protocol):
@@ -36,6 +49,11 @@ class Recipe(Hashable, Protocol):
         ...
 
 
+class InfrastructureError(RuntimeError):
+    """The run could not go on for a reason that is not a video's: lost workers, a cluster
+    that failed a unit. The message names the units; rerunning the command resumes."""
+
+
 @lru_cache(maxsize=2)
 def build_stage(recipe: Recipe) -> Stage:
     """The recipe's stage, built once per process (models are expensive to load)."""
@@ -48,67 +66,136 @@ def extract(
     out: str | Path,
     *,
     workers: int = 2,
+    video_timeout: float | None = RunOptions.video_timeout,
+    lease_timeout: float = RunOptions.lease_timeout,
     shard_index: int | None = None,
     num_shards: int | None = None,
     executor: str = "local",
     scheduler: str | None = None,
     progress: bool = True,
 ) -> RunSummary:
-    """Run this process's share of a stage; finished units are skipped, failed rows retried.
+    """Run a stage: this process's share first, then whatever units nobody holds.
 
-    `executor="dask"` sends each unit to the Dask cluster at `scheduler` instead.
+    Finished units are skipped, failed rows retried. `executor="dask"` sends each unit to the
+    Dask cluster at `scheduler` instead (see `run_on_dask`).
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; use {' or '.join(EXECUTORS)}")
+    options = RunOptions(workers, video_timeout, lease_timeout, progress)
+    out = Path(out).absolute()  # remote workers have other working directories
     index, count = resolve_share(shard_index, num_shards)
     stage = build_stage(recipe)
     store = recipe.open_store(out, manifest, stage)
-    units = my_units(len(store.shards()), index, count)
+    num_units = len(store.shards())
+    share = my_units(num_units, index, count)
+    order = unit_order(num_units, index, count)
     if executor == "dask":
-        task = partial(_run_unit_remotely, recipe, manifest, str(out))
-        return run_on_dask(task, units, scheduler, progress, desc=f"{recipe.name} units")
-    return run_stage(stage, store, manifest, units, workers, progress, desc=recipe.name)
+        check_sources(store, manifest, Ledger(store.ledger_dir), share)
+        store.remove_debris(older_than=lease_timeout)
+        task = UnitTask(recipe, manifest, str(out), replace(options, workers=1, progress=False))
+        return run_on_dask(task, store, share, scheduler, progress, desc=f"{recipe.name} units")
+    return run_stage(stage, store, manifest, order, options, recipe.name, share=share)
 
 
-def _run_unit_remotely(recipe: Recipe, manifest: Manifest, out: str, unit: int) -> RunSummary:
-    store = RowStore.open(out, writable=True)
-    return run_stage(build_stage(recipe), store, manifest, [unit], workers=0, progress=False)
+@dataclass(frozen=True)
+class UnitTask:
+    """One unit of a stage, as a Dask task (picklable), with what is known of the videos that
+    killed its earlier workers (`blame`)."""
+
+    recipe: Recipe
+    manifest: Manifest
+    out: str
+    options: RunOptions
+    blame: Blame = Blame(record=True)
+
+    def __call__(self, unit: int) -> RunSummary:
+        stage = build_stage(self.recipe)
+        store = self.recipe.open_store(self.out, self.manifest, stage)  # provenance checked
+        result = run_stage(stage, store, self.manifest, [unit], self.options, share=[],
+                           blame=self.blame)  # fmt: skip
+        if result.units_elsewhere:  # a worker outside this run holds it: give it time
+            time.sleep(self.options.lease_timeout / 6)
+        return result
 
 
 def run_on_dask(
-    task: Callable[[int], RunSummary],
+    task: UnitTask,
+    store: RowStore,
     units: Sequence[int],
     scheduler: str | None,
     progress: bool = True,
     desc: str = "units",
 ) -> RunSummary:
-    """Run `task(unit)` for every unit on the cluster at `scheduler`.
+    """Run `task(unit)` for every unit not finished, on the cluster at `scheduler`.
 
     `scheduler` is a scheduler address (tcp://host:8786, or a scheduler file path ending in
     .json), or `local` / `local:N` for a LocalCluster of N single-threaded worker processes.
+    Units held by workers outside this run are waited for (their holders finish them or
+    their leases go stale and are taken over).
     """
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
+    from distributed import KilledWorker
 
+    ledger = Ledger(store.ledger_dir)
     summary = RunSummary()
-    if not units:
+    todo = [u for u in range(len(store.shards())) if not _finished(ledger, u)]
+    todo = [u for u in units if u in todo] + [u for u in todo if u not in units]
+    if not todo:
+        summary.units_skipped = len(store.shards())
         return summary
+    summary.units_skipped = len(store.shards()) - len(todo)
     cluster = None
     scheduler = scheduler or "local"
-    if scheduler == "local" or scheduler.startswith("local:"):
-        n = int(scheduler.partition(":")[2] or 2)
-        cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        client = Client(cluster)
-    elif scheduler.endswith(".json"):
-        client = Client(scheduler_file=scheduler)
-    else:
-        client = Client(scheduler)
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        if scheduler == "local" or scheduler.startswith("local:"):
+            n = int(scheduler.partition(":")[2] or 2)
+            cluster = LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+            client = Client(cluster)
+        elif scheduler.endswith(".json"):
+            client = Client(scheduler_file=scheduler)
+        else:
+            client = Client(scheduler)
+    broken: list[str] = []
+    retries: dict[int, UnitTask] = {}
     try:
-        futures = client.map(task, list(units), pure=False)
-        with tqdm(total=len(futures), desc=desc, unit="unit", disable=not progress) as bar:
-            for future in as_completed(futures):
-                summary.add(future.result())
+        futures = {client.submit(task, u, pure=False): u for u in todo}
+        with tqdm(total=len(todo), desc=desc, unit="unit", disable=not progress) as bar:
+            pending = as_completed(futures)
+            for future in pending:
+                unit = futures.pop(future)
+                try:
+                    result = future.result()
+                except KilledWorker:
+                    rows = _rows_in_flight(store, unit)
+                    if not rows:
+                        broken.append(f"unit {unit}: its task killed its Dask worker repeatedly")
+                        bar.update()
+                        continue
+                    retry = retries.get(unit, task)
+                    blame = retry.blame
+                    if len(rows) > 1:  # a batch: compute its videos alone to find the one
+                        blame = replace(blame, suspects=blame.suspects | set(rows))
+                    else:
+                        reason = "killed its Dask worker process repeatedly while computed"
+                        blame = replace(blame, excluded={**blame.excluded, rows[0]: reason})
+                    retry = retries[unit] = replace(retry, blame=blame)
+                    new = client.submit(retry, unit, pure=False)
+                    futures[new] = unit
+                    pending.add(new)
+                    continue
+                except Exception as error:  # noqa: BLE001 - report it with its unit, go on
+                    broken.append(f"unit {unit}: {type(error).__name__}: {error}")
+                    bar.update()
+                    continue
+                if result.units_elsewhere:  # held outside this run: try again (the task waited)
+                    new = client.submit(task, unit, pure=False)
+                    futures[new] = unit
+                    pending.add(new)
+                    continue
+                summary.add(replace(result, units_skipped=0))
                 bar.update()
                 if summary.failures:
                     bar.set_postfix(failed=len(summary.failures), refresh=False)
@@ -116,4 +203,25 @@ def run_on_dask(
         client.close()
         if cluster is not None:
             cluster.close()
+    if broken:
+        raise InfrastructureError(
+            f"{len(broken)} units did not finish on Dask: {'; '.join(broken[:3])}"
+            f"{' ...' if len(broken) > 3 else ''}; rerun to resume"
+        )
     return summary
+
+
+def _finished(ledger: Ledger, unit: int) -> bool:
+    record = ledger.read(unit)
+    return record is not None and not record.failed
+
+
+def _rows_in_flight(store: RowStore, unit: int) -> list[int]:
+    """The rows the dead holder of `unit` was computing (empty: it was not computing rows)."""
+    lease = read_lease(store.lease_dir / f"unit-{unit:06d}.lease")
+    if lease is None:
+        return []
+    progress = read_progress(store.lease_dir, lease.holder.id, unit)
+    if not progress or progress["phase"] != "compute":
+        return []
+    return list(progress["rows"] or [])

@@ -3,7 +3,11 @@
 The S frames of a video are the ones the tracks stage stores, computed by the same functions
 from the decoded frame count, so both stages can run apart. View 0 is the plain clip; views
 1..V-1 are clip-consistent photometric augmentations with recorded seeds, so that training
-keeps the original's augmentation without decoding video.
+keeps the original's augmentation without decoding video. The original drew a fresh RandAugment
+on every read; here training draws one of the V views per read (view 0 included), so V = 1
+trains without augmentation, and every view costs one more backbone pass and one more grid of
+features on disk per training video. Val and test videos are read at view 0 only, so they get
+view 0 alone (their other views stay empty: zeros, seed -1, no bytes on disk).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class FeaturesConfig:
     frames: int = 8
     fps: float | None = 10.0
     native_suffixes: tuple[str, ...] = (".webm",)
-    views: int = 1
+    views: int = 5  # view 0 plain, 4 augmented: training draws one per read (1: no augmentation)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     preprocess: Preprocess = field(default_factory=Preprocess)
     shard_size: int = 64
@@ -53,7 +57,9 @@ class ViewsLoader:
         native = timeline(probe(row.path), c.fps, c.native_suffixes)
         frames_on_time_base = stored_frames(len(native), c.frames)
         clip = read_frames(row.path, native[frames_on_time_base])
-        seeds = np.array([view_seed(row.video_id, v) for v in range(c.views)], np.int64)
+        # Only training reads augmented views: val and test rows get view 0 alone.
+        views = c.views if row.split == "train" else 1
+        seeds = np.array([view_seed(row.video_id, v) for v in range(views)], np.int64)
         return {
             "clips": np.stack([augment_clip(clip, int(s), c.augment) for s in seeds]),
             "frames": frames_on_time_base.astype(np.int32),
@@ -78,11 +84,15 @@ class FeaturesStage:
         out, start = [], 0
         for item, clip in zip(loaded, clips, strict=True):
             count = clip.shape[0] * clip.shape[1]
-            grids = features[start : start + count].reshape(*clip.shape[:2], *features.shape[1:])
-            start += count
-            out.append(
-                {**{k: item[k] for k in ("frames", "num_frames", "view_seed")}, "features": grids}
+            grids = np.zeros((self.config.views, *clip.shape[1:2], *features.shape[1:]), np.float16)
+            grids[: len(clip)] = features[start : start + count].reshape(
+                *clip.shape[:2], *features.shape[1:]
             )
+            start += count
+            seeds = np.full(self.config.views, -1, np.int64)
+            seeds[: len(clip)] = item["view_seed"]
+            out.append({**{k: item[k] for k in ("frames", "num_frames")}, "view_seed": seeds,
+                        "features": grids})  # fmt: skip
         return out
 
 

@@ -1,9 +1,10 @@
 """Resumable progress: one record per finished work unit, inside the store.
 
-A record is written after its shard, to a temporary file that is then renamed, so a record
-exists only for a shard that is completely on disk, and a record on disk is always whole. It
-lists the rows done (with a digest of each row's data, which `verify` checks), the rows that
-failed and why, timings and the host.
+A record is written after its shard is on disk (written and fsynced), to a temporary file that
+is fsynced and then renamed, and the folder is fsynced: a record exists only for a shard that
+is completely on disk, survives a power loss, and is always whole. It lists the rows done
+(with a digest of each row's data, which `verify` checks, and a stamp of each video file, which
+a resumed run checks), the rows that failed and why, timings and the host.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from tats.pipeline.sources import SourceStamp
+from tats.stores import fsync
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,12 @@ class UnitRecord:
     pid: int = field(default_factory=os.getpid)
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     attempt: int = 1
+    sources: dict[int, SourceStamp] = field(default_factory=dict)  # row -> video file stamp
 
     def to_json(self) -> str:
         data = asdict(self)
         data["done"] = {str(row): digest for row, digest in self.done.items()}
+        data["sources"] = {str(row): list(s) for row, s in self.sources.items()}
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -47,6 +53,7 @@ class UnitRecord:
         data["rows"] = tuple(data["rows"])
         data["done"] = {int(row): digest for row, digest in data["done"].items()}
         data["failed"] = [Failure(**f) for f in data["failed"]]
+        data["sources"] = {int(r): SourceStamp(*s) for r, s in data.get("sources", {}).items()}
         return cls(**data)
 
 
@@ -69,11 +76,15 @@ class Ledger:
     def write(self, record: UnitRecord) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".unit-{record.unit:06d}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "w") as f:
-            f.write(record.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path(record.unit))
+        try:
+            with open(tmp, "w") as f:
+                f.write(record.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(record.unit))
+        finally:
+            tmp.unlink(missing_ok=True)  # left only where the write failed (a full disk)
+        fsync(self.directory)
 
     def records(self) -> dict[int, UnitRecord]:
         records = {}
@@ -81,3 +92,4 @@ class Ledger:
             record = UnitRecord.from_json(path.read_text())
             records[record.unit] = record
         return records
+

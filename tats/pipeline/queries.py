@@ -152,10 +152,46 @@ def video_seed(video_id: str, purpose: str = "subset") -> int:
 def choose_subset(num_points: int, size: int, video_id: str) -> np.ndarray:
     """`size` distinct point indices drawn once per video (seeded by its id); -1 pads short clips.
 
-    The order is the draw's order, as in the original, which feeds points to the model in it.
+    The order is the draw's order, as in the original; training reads the points in ascending
+    index whatever the order here (tats/episodes.py), as Trokens' relative offsets need.
     """
     rng = np.random.default_rng(video_seed(video_id))
     take = min(size, num_points)
     subset = np.full(size, -1, dtype=np.int32)
     subset[:take] = rng.choice(num_points, take, replace=False)
+    return subset
+
+
+def cluster_subset(cluster_ids: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` distinct points drawn from clusters: at least one per cluster, the rest in
+    proportion to cluster size; ascending point indices, -1 pads where there are fewer points.
+
+    cluster_ids [N]: each point's cluster. Trokens' sampling (`trokens/datasets/
+    point_sampler.py`, `cluster_sample`), with the proportional shares rounded down and the
+    points left over given one at a time to clusters drawn by size among those with points
+    left, so that no point is drawn twice (the release tops up with replacement, and can ask a
+    cluster for more points than it has). With more clusters than `size`, `size` clusters are
+    drawn by size and one point of each.
+    """
+    cluster_ids = np.asarray(cluster_ids)
+    n = len(cluster_ids)
+    subset = np.full(size, -1, np.int32)
+    if n <= size:
+        subset[:n] = np.arange(n)
+        return subset
+    rng = np.random.default_rng(seed)
+    clusters, members_of, counts = np.unique(cluster_ids, return_inverse=True, return_counts=True)
+    if len(clusters) >= size:
+        quota = np.zeros(len(clusters), np.int64)
+        quota[rng.choice(len(clusters), size, replace=False, p=counts / n)] = 1
+    else:
+        quota = 1 + (size - len(clusters)) * counts // n  # at most counts, as size < n
+        for _ in range(size - int(quota.sum())):
+            room = np.where(quota < counts, counts, 0)
+            quota[rng.choice(len(clusters), p=room / room.sum())] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(members_of == c), quota[c], replace=False)
+        for c in np.flatnonzero(quota)
+    ]
+    subset[:] = np.sort(np.concatenate(chosen))
     return subset

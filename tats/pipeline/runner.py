@@ -1,30 +1,39 @@
-"""Runs a stage over its work units: decode in worker processes, compute here, write shards.
+"""Runs a stage over its work units: claim a unit, decode ahead, compute, write its shard.
 
 A stage is two parts. Its `loader` is a small picklable callable that turns a manifest row
-into decoded input (frames) in a worker process; its `compute` turns a batch of loaded inputs
-into one row of arrays each, in this process (where the GPU is). Decoding runs ahead of
-compute, so the two overlap. A unit's rows are gathered in memory and written as one shard,
-then its ledger record is written; a rerun skips finished units and retries failed rows.
+into decoded input (frames) in a decoding process; its `compute` turns a batch of loaded
+inputs into one row of arrays each, in this process (where the GPU is). Decoding runs ahead of
+compute (decoders.py), so the two overlap.
+
+Units are tried in the given order. Each is claimed with a lease (leases.py) first; a unit
+another live worker holds is skipped, a finished one too (the ledger is read after claiming).
+A unit's rows are gathered in memory; a background thread then checks that the lease is still
+ours, writes the shard, fsyncs it, writes the unit's ledger record and releases the lease,
+while the next unit computes. A rerun skips finished units and retries failed rows, and
+refuses to resume over videos that changed since their rows were written (sources.py).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from tats.manifest import Manifest, VideoRow
+from tats.pipeline import sources
+from tats.pipeline.decoders import DecoderPool, Loaded
+from tats.pipeline.leases import DEFAULT_TIMEOUT, UnitLeases
 from tats.pipeline.ledger import Failure, Ledger, UnitRecord
-from tats.stores import RowStore, row_digest
-from tats.video import VideoError
+from tats.stores import RowStore, StoreError, row_digest
+
+DEFAULT_VIDEO_TIMEOUT = 600.0
 
 
 class Stage(Protocol):
@@ -36,26 +45,70 @@ class Stage(Protocol):
         ...
 
 
-@dataclass
-class Loaded:
-    row: VideoRow
-    data: Any = None
-    error: str | None = None
-    seconds: float = 0.0
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage runs (never what it computes: that is the stage's config, in the store).
+
+    workers: decoding processes (0: decode inline, without a time limit).
+    video_timeout: seconds a video may take to decode before it is failed (None: no limit).
+    lease_timeout: seconds without a heartbeat after which another worker takes a unit over.
+    """
+
+    workers: int = 2
+    video_timeout: float | None = DEFAULT_VIDEO_TIMEOUT
+    lease_timeout: float = DEFAULT_TIMEOUT
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"--workers must be at least 0, not {self.workers}")
+        if self.video_timeout is not None and self.video_timeout <= 0:
+            raise ValueError(f"--video-timeout must be positive, not {self.video_timeout}")
+        if self.lease_timeout <= 0:
+            raise ValueError(f"--lease-timeout must be positive, not {self.lease_timeout}")
 
 
 @dataclass
 class RunSummary:
-    units: int = 0
-    units_skipped: int = 0
+    units: int = 0  # units computed (or retried) here
+    units_skipped: int = 0  # finished before
+    units_elsewhere: list[str] = field(default_factory=list)  # held by other live workers
+    units_lost: int = 0  # taken over while computed here: their work was dropped
     videos_done: int = 0
     failures: list[Failure] = field(default_factory=list)
 
     def add(self, other: RunSummary) -> None:
         self.units += other.units
         self.units_skipped += other.units_skipped
+        self.units_elsewhere += other.units_elsewhere
+        self.units_lost += other.units_lost
         self.videos_done += other.videos_done
         self.failures += other.failures
+
+
+@dataclass(frozen=True)
+class Blame:
+    """Finding the videos that kill their worker process (a Dask task's unit, executors.py).
+
+    record: keep the rows being computed in the lease's progress record, where whoever finds
+    this process dead reads them. suspects: rows computed one at a time, not batched, so that
+    a death names one video. excluded: rows recorded as failed with the given reason instead
+    of computed (they killed their workers).
+    """
+
+    record: bool = False
+    suspects: frozenset[int] = frozenset()
+    excluded: dict[int, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass
+class _Job:
+    """A claimed unit: its rows to compute, and its record so far (None: never finished)."""
+
+    unit: int
+    rows: list[int]
+    record: UnitRecord | None
+    blame: Blame
 
 
 def run_stage(
@@ -63,96 +116,203 @@ def run_stage(
     store: RowStore,
     manifest: Manifest,
     units: Sequence[int],
-    workers: int = 2,
-    progress: bool = True,
+    options: RunOptions = RunOptions(),
     desc: str = "videos",
+    share: Sequence[int] | None = None,
+    blame: Blame = Blame(),
 ) -> RunSummary:
-    """Process `units` of `store` (skipping finished ones); returns what was done and failed."""
+    """Process `units` of `store` in order (skipping finished and held ones).
+
+    `share`: the units whose finished rows are checked against their video files first
+    (default: `units`). `blame`: see `Blame`.
+    """
     ledger = Ledger(store.ledger_dir)
-    shards = store.shards()
+    check_sources(store, manifest, ledger, units if share is None else share)
+    store.remove_debris(older_than=options.lease_timeout)
     summary = RunSummary()
-    todo: list[tuple[int, UnitRecord | None, list[int]]] = []
-    for unit in units:
-        record = ledger.read(unit)
-        if record is not None and not record.failed:
-            summary.units_skipped += 1
-            continue
-        rows = list(shards[unit]) if record is None else [f.row for f in record.failed]
-        todo.append((unit, record, rows))
-    all_rows = [manifest.rows[r] for _, _, rows in todo for r in rows]
-    bar = tqdm(total=len(all_rows), desc=desc, unit="video", disable=not progress, smoothing=0.1)
-    # Shards are written by a background thread while the next unit computes; one write at
-    # a time, so at most two units' rows are held in memory.
-    with _Prefetcher(stage.loader, all_rows, workers) as stream, ThreadPoolExecutor(1) as writer:
-        writing: Future | None = None
-        for unit, record, rows in todo:
-            buffers, result = _run_unit(stage, store, unit, shards[unit], record, rows, stream, bar)
+    jobs: deque[_Job] = deque()
+    shards = store.shards()
+    pending = {u: _pending_rows(ledger.read(u), shards[u]) for u in units}
+    bar = tqdm(
+        total=sum(pending.values()), desc=desc, unit="video", disable=not options.progress,
+        smoothing=0.1,
+    )  # fmt: skip
+
+    with UnitLeases(store.lease_dir, options.lease_timeout) as leases:
+
+        def claimed_rows() -> Iterator[VideoRow]:
+            for job in _claim(units, store, ledger, leases, summary, blame, bar, pending):
+                jobs.append(job)
+                yield from (manifest.rows[r] for r in job.rows)
+
+        # Shards are written by a background thread while the next unit computes; one write at
+        # a time, so at most two units' rows are held in memory.
+        with (
+            DecoderPool(stage.loader, options.workers, options.video_timeout) as decoders,
+            ThreadPoolExecutor(1, thread_name_prefix="tats-writer") as writer,
+        ):
+            stream = decoders.map(claimed_rows())
+            writing: Future | None = None
+            while (first := next(stream, None)) is not None:
+                job = jobs.popleft()
+                loaded = chain([first], islice(stream, len(job.rows) - 1))
+                buffers, record = _run_unit(stage, store, job, loaded, leases, bar)
+                if writing is not None:
+                    _count(summary, *writing.result())
+                writing = writer.submit(_commit, store, ledger, leases, job, buffers, record)
             if writing is not None:
-                writing.result()
-            writing = writer.submit(_commit, store, ledger, shards[unit], buffers, result)
-            summary.units += 1
-            summary.videos_done += len(result.done) - (len(record.done) if record else 0)
-            summary.failures += result.failed
-        if writing is not None:
-            writing.result()
+                _count(summary, *writing.result())
     bar.close()
     return summary
 
 
-def _commit(
-    store: RowStore, ledger: Ledger, shard: range, buffers: dict, record: UnitRecord
-) -> None:
-    """Write a unit's shard, then its record: a record exists only for a whole shard."""
-    tic = time.perf_counter()
-    store.write_rows(shard, buffers)
-    record.seconds["write"] = round(time.perf_counter() - tic, 3)
-    ledger.write(record)
+def _count(summary: RunSummary, job: _Job, record: UnitRecord | None) -> None:
+    if record is None:
+        summary.units_lost += 1
+        return
+    summary.units += 1
+    summary.videos_done += len(record.done) - (len(job.record.done) if job.record else 0)
+    summary.failures += record.failed
+
+
+def _claim(
+    units: Sequence[int],
+    store: RowStore,
+    ledger: Ledger,
+    leases: UnitLeases,
+    summary: RunSummary,
+    blame: Blame,
+    bar: tqdm,
+    pending: dict[int, int],
+) -> Iterator[_Job]:
+    """Claim the unfinished units in order. A unit that a live worker holds is looked at once
+    more after the others (its holder may have died meanwhile), then left to its holder."""
+    shards = store.shards()
+
+    def claim(unit: int) -> _Job | bool:
+        """The claimed unit's job; True if it is finished, False if another worker holds it."""
+        if _finished(ledger.read(unit)):
+            return True
+        if not leases.claim(unit):
+            return False
+        record = ledger.read(unit)  # the previous holder may have finished it meanwhile
+        if _finished(record):
+            leases.release(unit)
+            return True
+        rows = list(shards[unit]) if record is None else [f.row for f in record.failed]
+        return _Job(unit, rows, record, blame)
+
+    held = []
+    for second_look, todo in ((False, units), (True, held)):
+        for unit in todo:
+            job = claim(unit)
+            if isinstance(job, _Job):
+                yield job
+                continue
+            if job:
+                summary.units_skipped += 1
+            elif not second_look:
+                held.append(unit)
+                continue
+            else:
+                summary.units_elsewhere.append(f"unit {unit} ({leases.holder_of(unit)})")
+            bar.total -= pending[unit]  # counted at the start, not done here
+            bar.refresh()
+
+
+def _finished(record: UnitRecord | None) -> bool:
+    return record is not None and not record.failed
+
+
+def _pending_rows(record: UnitRecord | None, shard: range) -> int:
+    """Rows of a unit still to compute: all of them, its failed ones, or none."""
+    return len(shard) if record is None else len(record.failed)
 
 
 def _run_unit(
     stage: Stage,
     store: RowStore,
-    unit: int,
-    shard: range,
-    record: UnitRecord | None,
-    rows: list[int],
-    loaded_stream: Iterator[Loaded],
+    job: _Job,
+    loaded: Iterator[Loaded],
+    leases: UnitLeases,
     bar: tqdm,
 ) -> tuple[dict[str, np.ndarray], UnitRecord]:
-    """Load and compute a unit's rows into shard buffers; returns them and the unit's record."""
+    """Compute a unit's rows into shard buffers; returns them and the unit's record."""
+    shard = store.shards()[job.unit]
     started = time.perf_counter()
     seconds = {"decode": 0.0, "compute": 0.0}
+    record = job.record
     # A retry keeps the rows done before: read the shard back and rewrite it whole.
     buffers = store.empty_rows(len(shard)) if record is None else store.read_rows(shard)
     done = dict(record.done) if record else {}
+    stamps = dict(record.sources) if record else {}
     failed: list[Failure] = []
-    for start in range(0, len(rows), stage.batch_size):
-        batch = [next(loaded_stream) for _ in rows[start : start + stage.batch_size]]
+    while batch := list(islice(loaded, stage.batch_size)):
         seconds["decode"] += sum(item.seconds for item in batch)
-        good = [item for item in batch if item.error is None]
-        failed += [Failure(i.row.row, i.row.video_id, i.error) for i in batch if i.error]
+        good = []
+        for item in batch:
+            error = job.blame.excluded.get(item.row.row, item.error)
+            if error is None:
+                good.append(item)
+            else:
+                failed.append(Failure(item.row.row, item.row.video_id, error))
         tic = time.perf_counter()
-        for item, result in zip(good, _compute(stage, good), strict=True):
+        alone = job.blame.suspects & {item.row.row for item in good}
+        groups = [[item] for item in good] if alone else [good]
+        results = []
+        for group in groups:
+            if job.blame.record:
+                leases.progress(job.unit, [item.row.row for item in group], "compute")
+            results += _compute(stage, group)
+        for item, result in zip(good, results, strict=True):
             if isinstance(result, str):
                 failed.append(Failure(item.row.row, item.row.video_id, result))
                 continue
             for name, value in result.items():
                 buffers[name][item.row.row - shard.start] = value
             done[item.row.row] = row_digest(buffers, item.row.row - shard.start)
+            if item.source is not None:
+                stamps[item.row.row] = item.source
         seconds["compute"] += time.perf_counter() - tic
         bar.update(len(batch))
         if failed:
             bar.set_postfix(failed=len(failed), refresh=False)
     seconds["total"] = time.perf_counter() - started
     result = UnitRecord(
-        unit=unit,
+        unit=job.unit,
         rows=(shard.start, shard.stop),
         done=dict(sorted(done.items())),
-        failed=failed,
+        failed=sorted(failed, key=lambda f: f.row),
         seconds={k: round(v, 3) for k, v in seconds.items()},
         attempt=record.attempt + 1 if record else 1,
+        sources={r: stamps[r] for r in sorted(done) if r in stamps},
     )
     return buffers, result
+
+
+def _commit(
+    store: RowStore,
+    ledger: Ledger,
+    leases: UnitLeases,
+    job: _Job,
+    buffers: dict,
+    record: UnitRecord,
+) -> tuple[_Job, UnitRecord | None]:
+    """Write a unit's shard, fsync it, then its record, then release its lease; a unit whose
+    lease was taken over is dropped (record None): its new holder computes it."""
+    if not leases.holds(job.unit):
+        leases.release(job.unit, lost=True)
+        return job, None
+    if job.blame.record:
+        leases.progress(job.unit, None, "write")
+    tic = time.perf_counter()
+    shard = store.shards()[job.unit]
+    store.write_rows(shard, buffers)
+    store.sync_rows(shard)
+    record.seconds["write"] = round(time.perf_counter() - tic, 3)
+    ledger.write(record)
+    leases.release(job.unit)
+    return job, record
 
 
 def _compute(stage: Stage, items: list[Loaded]) -> list[dict[str, np.ndarray] | str]:
@@ -167,86 +327,19 @@ def _compute(stage: Stage, items: list[Loaded]) -> list[dict[str, np.ndarray] | 
         return [r for item in items for r in _compute(stage, [item])]
 
 
-def _load(loader: Callable[[VideoRow], Any], row: VideoRow) -> Loaded:
-    tic = time.perf_counter()
-    try:
-        data = loader(row)
-    except Exception as error:  # noqa: BLE001 - a bad video must not stop the run
-        if not isinstance(error, VideoError):  # VideoError names the file itself
-            error = f"{row.path}: {type(error).__name__}: {error}"
-        return Loaded(row, error=str(error), seconds=time.perf_counter() - tic)
-    return Loaded(row, data, seconds=time.perf_counter() - tic)
-
-
-def _worker_init() -> None:
-    # One thread per decoding process: the processes are the parallelism.
-    import torch
-
-    torch.set_num_threads(1)
-
-
-class _Prefetcher:
-    """Loads rows in order, `2 * workers` ahead, in worker processes (or inline with 0).
-
-    A decoder that crashes its process (some corrupt files do) breaks the pool; the pool is
-    restarted and each row then in flight is loaded again alone, so only the row that crashes
-    on its own is recorded as failed.
-    """
-
-    def __init__(self, loader: Callable[[VideoRow], Any], rows: list[VideoRow], workers: int):
-        self.loader, self.rows, self.workers = loader, rows, workers
-        self.pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> Iterator[Loaded]:
-        return self._stream()
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-    def _new_pool(self, workers: int) -> ProcessPoolExecutor:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-        # Forked workers start at once (spawned ones re-import torch, seconds each); they only
-        # decode, never touch the GPU or the store, as with torch's DataLoader workers.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
-        return self.pool
-
-    def _stream(self) -> Iterator[Loaded]:
-        if self.workers <= 0 or not self.rows:
-            for row in self.rows:
-                yield _load(self.loader, row)
-            return
-        pool = self._new_pool(self.workers)
-        pending: deque[tuple[VideoRow, Future]] = deque()
-        upcoming = iter(self.rows)
-
-        def top_up() -> None:
-            while len(pending) < 2 * self.workers:
-                row = next(upcoming, None)
-                if row is None:
-                    return
-                pending.append((row, pool.submit(_load, self.loader, row)))
-
-        top_up()
-        while pending:
-            row, future = pending.popleft()
-            try:
-                yield future.result()
-            except BrokenProcessPool:
-                yield self._load_alone(row)
-                in_flight = [r for r, _ in pending]
-                pending.clear()
-                pool = self._new_pool(self.workers)
-                for r in in_flight:
-                    pending.append((r, pool.submit(_load, self.loader, r)))
-            top_up()
-
-    def _load_alone(self, row: VideoRow) -> Loaded:
-        pool = self._new_pool(1)
-        try:
-            return pool.submit(_load, self.loader, row).result()
-        except BrokenProcessPool:
-            return Loaded(row, error=f"{row.path}: the decoder crashed its process")
+def check_sources(store: RowStore, manifest: Manifest, ledger: Ledger, units: Sequence[int]):
+    """Refuse to resume when video files of finished rows changed since they were written."""
+    changed = []
+    for unit in units:
+        record = ledger.read(unit)
+        for row, recorded in (record.sources if record else {}).items():
+            problem = sources.change(manifest.rows[row].path, recorded)
+            if problem:
+                changed.append((manifest.rows[row], problem))
+    if changed:
+        listed = "; ".join(f"row {r.row} ({r.video_id}, {r.path}: {p})" for r, p in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise StoreError(
+            f"{store.path}: {len(changed)} videos changed since they were extracted: {listed}"
+            f"{more}. Restore them, or extract into a new --out"
+        )

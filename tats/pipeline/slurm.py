@@ -1,8 +1,10 @@
 """Slurm job arrays: one sbatch script runs a stage command in every array task.
 
-Each task runs the same command line; the command picks its share of the work from
-SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (see plan.py). Submitting the script again
-resumes: finished units are skipped, failed videos retried.
+Each task runs the same command line, which fixes the array size it was written for
+(`--num-shards`); a task starts with share SLURM_ARRAY_TASK_ID of it (see plan.py), so a task
+resubmitted alone (`sbatch --array=3 script`) keeps its share, and leases keep it from
+redoing what the running tasks hold. Submitting the whole script again resumes: finished
+units are skipped, failed videos retried.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ def sbatch_script(command: list[str], options: SlurmOptions) -> str:
         if value is not None:
             lines.append(f"#SBATCH --{flag}={value}")
     lines += [
-        "# Every task runs the same command; it takes share SLURM_ARRAY_TASK_ID of",
-        "# SLURM_ARRAY_TASK_COUNT. Submit this script again to resume.",
+        f"# Every task runs the same command; it starts with share SLURM_ARRAY_TASK_ID of "
+        f"{options.tasks},",
+        "# then helps with the units nobody holds. Resubmit one task with --array=K, or the",
+        "# whole script to resume.",
         "set -euo pipefail",
         "exec " + shlex.join(command),
         "",
@@ -62,13 +66,22 @@ def sbatch_script(command: list[str], options: SlurmOptions) -> str:
     return "\n".join(lines)
 
 
-def stage_command(stage: str, args: list[str]) -> list[str]:
-    """`tats-extract STAGE ARGS` with this installation's executable, without a progress bar."""
+SHARE_OPTIONS = ("--shard-index", "--num-shards")
+
+
+def stage_command(stage: str, args: list[str], tasks: int) -> list[str]:
+    """`tats-extract STAGE ARGS --num-shards TASKS` with this installation's executable,
+    without a progress bar."""
+    given = [a for a in args if a.split("=", 1)[0] in SHARE_OPTIONS]
+    if given:
+        raise ValueError(
+            f"{given[0]}: the array task picks its share; leave out --shard-index and --num-shards"
+        )
     executable = Path(sys.executable).parent / "tats-extract"
     command = [str(executable if executable.exists() else "tats-extract"), stage, *args]
     if not {"--progress", "--no-progress"} & set(args):
         command.append("--no-progress")
-    return command
+    return [*command, "--num-shards", str(tasks)]
 
 
 def submit(script: Path) -> str:

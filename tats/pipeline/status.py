@@ -1,13 +1,16 @@
-"""`tats-extract status` and `verify`: what a store's ledger says, and whether its data agrees."""
+"""`tats-extract status` and `verify`: what a store's ledger and leases say, and whether its
+data agrees."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from tats.pipeline.leases import read_lease
 from tats.pipeline.ledger import Failure, Ledger
 from tats.stores import RowStore, row_digest, row_problem
 
@@ -23,6 +26,7 @@ class StoreStatus:
     units_pending: int = 0
     videos_done: int = 0
     failures: list[Failure] = field(default_factory=list)
+    in_progress: list[str] = field(default_factory=list)  # pending units with a lease: who, since
 
     @property
     def videos_pending(self) -> int:
@@ -39,6 +43,12 @@ def store_status(path: str | Path) -> StoreStatus:
     status = StoreStatus(store.path, store.schema, store.num_rows, len(store.shards()))
     for unit in range(status.units):
         record = records.get(unit)
+        lease = read_lease(store.lease_dir / f"unit-{unit:06d}.lease")
+        if lease is not None:
+            status.in_progress.append(
+                f"unit {unit}: {lease.holder}, claimed {time.time() - lease.claimed:.0f} s ago, "
+                f"last heartbeat {lease.age():.0f} s ago"
+            )
         if record is None:
             status.units_pending += 1
             continue

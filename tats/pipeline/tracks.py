@@ -1,9 +1,18 @@
 """`tats-extract tracks`: point tracks of every manifest video into tracks.zarr.
 
-Per video (REFERENCE.md section 1): decode on the track time base (10 fps; native for .webm),
-lay a grid at every query frame, track all of them in one tracker call, hide each point
+Per video, as the original TATs extraction: decode on the track time base (10 fps; native for
+.webm), lay a grid at every query frame, track all of them in one tracker call, hide each point
 before its query frame, drop redundant points, draw the video's fixed 256-subset, and keep the
 positions and visibility at the S frames training uses.
+
+Frames are decoded no larger than `max_side` (the tracker's model width by default), so that
+memory per clip is bounded; positions are stored in pixels of the video file all the same.
+
+`queries="semantic"` picks the query points as Trokens does instead (`semantic.py`: clusters
+of the clustering backbone's patch features, points spread over each cluster's mask at its
+peak frame) and tracks them through the whole clip in both directions (`backward=True`) in
+one call; every point is kept (no redundancy filter, visibility not hidden before the query
+frame), each with its cluster id, and the stored subset is a seeded cluster sample.
 """
 
 from __future__ import annotations
@@ -15,18 +24,22 @@ import numpy as np
 
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline import queries as Q
+from tats.pipeline import semantic as S
+from tats.pipeline.backbones import Backbone, create_backbone
 from tats.pipeline.executors import extract
 from tats.pipeline.runner import RunSummary
 from tats.pipeline.trackers import Tracker, create_tracker
 from tats.stores import TRACKS, RowStore, tracks_fields
-from tats.video import probe, read_frames, stored_frames, timeline
+from tats.video import decode_size, probe, read_frames, stored_frames, timeline
+
+SEMANTIC = "semantic"
 
 
 @dataclass(frozen=True)
 class TracksConfig:
     """Everything that decides what a tracks store holds (recorded in it, checked on resume)."""
 
-    tracker: str = "lk"
+    tracker: str = "cotracker3"
     grid: int = 16
     queries: str = "uniform:8"
     frames: int = 8
@@ -35,22 +48,54 @@ class TracksConfig:
     min_distance: float = 16.0
     subset: int = 256
     max_points: int | None = None
+    max_side: int | None = 512  # decode frames with their longer side at most this (px)
     shard_size: int = 64
+    semantic: S.SemanticConfig | None = None  # queries="semantic": its options (None: defaults)
 
     def __post_init__(self) -> None:
-        Q.QueryStrategy.parse(self.queries)
+        if self.queries == SEMANTIC:
+            if self.semantic is None:
+                object.__setattr__(self, "semantic", S.SemanticConfig())
+            if self.max_points is not None:
+                raise ValueError("semantic queries size the point axis by max_clusters")
+        elif self.semantic is not None:
+            raise ValueError(f"semantic query options need queries={SEMANTIC!r}")
+        else:
+            try:
+                Q.QueryStrategy.parse(self.queries)
+            except ValueError as error:
+                raise ValueError(f"{error} (or {SEMANTIC})") from None
         for name in ("grid", "frames", "subset", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, not {self.fps}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be at least 16 px, not {self.max_side}")
 
     @property
     def points(self) -> int:
-        """Room on the point axis: every grid point of every query frame."""
+        """Room on the point axis: every grid point of every query frame (semantic queries:
+        `points_per_cluster` for each of `max_clusters` clusters)."""
+        if self.semantic is not None:
+            return self.semantic.max_points
         if self.max_points is not None:
             return self.max_points
         return self.grid**2 * Q.QueryStrategy.parse(self.queries).max_query_frames()
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A decoded clip: frames (T, h, w, 3) at most `max_side`, and the video's (H, W)."""
+
+    frames: np.ndarray
+    source_size: tuple[int, int]
+
+    def to_source(self, xy: np.ndarray) -> np.ndarray:
+        """(x, y) pixels of the decoded frames -> pixels of the video file."""
+        h, w = self.frames.shape[1:3]
+        height, width = self.source_size
+        return xy * np.array([(width - 1) / (w - 1), (height - 1) / (h - 1)], np.float32)
 
 
 @dataclass(frozen=True)
@@ -59,26 +104,64 @@ class ClipLoader:
 
     fps: float | None
     native_suffixes: tuple[str, ...]
+    max_side: int | None = None
 
-    def __call__(self, row: VideoRow) -> np.ndarray:
+    def __call__(self, row: VideoRow) -> Clip:
         info = probe(row.path)
-        return read_frames(row.path, timeline(info, self.fps, self.native_suffixes))
+        size = decode_size(info.width, info.height, self.max_side)
+        frames = read_frames(row.path, timeline(info, self.fps, self.native_suffixes), size=size)
+        return Clip(frames, (info.height, info.width))
 
 
 def track_clips(
-    clips: list[np.ndarray], video_ids: list[str], tracker: Tracker, config: TracksConfig
+    clips: list[Clip],
+    video_ids: list[str],
+    tracker: Tracker,
+    config: TracksConfig,
+    backbone: Backbone | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Store rows for decoded clips (T, H, W, 3): all query frames of a clip in one call."""
-    strategy = Q.QueryStrategy.parse(config.queries)
-    queries = [Q.make_queries(strategy, config.grid, len(c), c.shape[1], c.shape[2]) for c in clips]
-    if len(clips) == 1:
-        outputs = [tracker.track(clips[0], queries[0])]
+    """Store rows for decoded clips: all query points of a clip in one tracker call (semantic
+    queries: found with `backbone`'s features, tracked both ways)."""
+    frames = [c.frames for c in clips]
+    clusters: list[np.ndarray | None] = [None] * len(clips)
+    if config.semantic is not None:
+        queries, clusters = semantic_queries(frames, config.semantic, backbone)
     else:
-        outputs = tracker.track_batch(list(zip(clips, queries, strict=True)))
+        strategy = Q.QueryStrategy.parse(config.queries)
+        queries = [Q.make_queries(strategy, config.grid, *f.shape[:3]) for f in frames]
+    backward = config.semantic is not None
+    if len(clips) == 1:
+        outputs = [tracker.track(frames[0], queries[0], backward=backward)]
+    else:
+        outputs = tracker.track_batch(list(zip(frames, queries, strict=True)), backward=backward)
     return [
-        tracks_row(tracks, vis, q[:, 0].astype(np.int32), clip.shape, config, video_id)
-        for video_id, clip, q, (tracks, vis) in zip(video_ids, clips, queries, outputs, strict=True)
+        tracks_row(
+            clip.to_source(tracks), vis, q[:, 0].astype(np.int32),
+            (len(clip.frames), *clip.source_size), config, video_id, cluster,
+        )  # fmt: skip
+        for video_id, clip, q, cluster, (tracks, vis) in zip(
+            video_ids, clips, queries, clusters, outputs, strict=True
+        )
     ]
+
+
+def semantic_queries(
+    clips: list[np.ndarray], config: S.SemanticConfig, backbone: Backbone | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per clip (T, H, W, 3): semantic queries (N, 3) = (t, x, y) in its pixels and their cluster
+    ids (N,); the clustering frames of all clips go through `backbone` in one forward."""
+    if backbone is None:
+        raise ValueError("semantic queries need a clustering backbone")
+    chosen = [S.clustering_frames(len(c), config.frames) for c in clips]
+    features = backbone.encode([c[f] for c, f in zip(clips, chosen, strict=True)]).cpu()
+    queries, clusters = [], []
+    for clip, frame_ids, grids in zip(
+        clips, chosen, features.split([len(f) for f in chosen]), strict=True
+    ):
+        q, c, _ = S.select_queries(grids, frame_ids, *clip.shape[1:3], config)
+        queries.append(q)
+        clusters.append(c)
+    return queries, clusters
 
 
 def tracks_row(
@@ -88,8 +171,11 @@ def tracks_row(
     shape: tuple[int, ...],
     config: TracksConfig,
     video_id: str,
+    cluster: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Filter, subset and subsample full-length tracks into one store row."""
+    """Filter, subset and subsample full-length tracks (pixels of a frame of `shape` (T, H, W))
+    into one store row. Points with a `cluster` id (semantic queries) are all kept, visible
+    before their query frame where the tracker says so, and subsampled by cluster."""
     T, H, W = shape[:3]
     tracks = np.asarray(tracks, np.float32)
     inside = (
@@ -98,9 +184,15 @@ def tracks_row(
         & (tracks[..., 1] >= 0)
         & (tracks[..., 1] <= H - 1)
     )
-    visible = Q.hide_before_query(np.asarray(visible, bool), query_frame) & inside
-    keep = np.flatnonzero(Q.filter_redundant(tracks, visible, query_frame, config.min_distance))
-    keep = keep[: config.points]
+    visible = np.asarray(visible, bool) & inside
+    if cluster is None:
+        visible = Q.hide_before_query(visible, query_frame)
+        keep = np.flatnonzero(Q.filter_redundant(tracks, visible, query_frame, config.min_distance))
+        keep = keep[: config.points]
+        subset = Q.choose_subset(len(keep), config.subset, video_id)
+    else:
+        keep = np.arange(len(cluster))
+        subset = Q.cluster_subset(cluster, config.subset, Q.video_seed(video_id))
     n = len(keep)
     stored = stored_frames(T, config.frames)
     P = config.points
@@ -109,7 +201,8 @@ def tracks_row(
         "visible": np.zeros((config.frames, P), bool),
         "valid": np.zeros(P, bool),
         "query_frame": np.full(P, -1, np.int32),
-        "subset": Q.choose_subset(n, config.subset, video_id),
+        "cluster": np.full(P, -1, np.int32),
+        "subset": subset,
         "frames": stored.astype(np.int32),
         "num_frames": np.int32(T),
         "frame_size": np.array([H, W], np.int32),
@@ -118,29 +211,47 @@ def tracks_row(
     row["visible"][:, :n] = visible[stored][:, keep]
     row["valid"][:n] = True
     row["query_frame"][:n] = query_frame[keep]
+    if cluster is not None:
+        row["cluster"][:n] = cluster
     return row
 
 
 class TracksStage:
-    """The tracks stage for the runner: decode in workers, track here."""
+    """The tracks stage for the runner: decode in workers, track (and cluster) here."""
 
-    def __init__(self, config: TracksConfig, tracker: Tracker, batch_size: int = 1):
+    def __init__(
+        self,
+        config: TracksConfig,
+        tracker: Tracker,
+        batch_size: int = 1,
+        backbone: Backbone | None = None,
+    ):
         self.config, self.tracker, self.batch_size = config, tracker, batch_size
-        self.loader = ClipLoader(config.fps, config.native_suffixes)
+        self.backbone = backbone
+        self.loader = ClipLoader(config.fps, config.native_suffixes, config.max_side)
 
-    def compute(self, rows: list[VideoRow], clips: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        return track_clips(clips, [r.video_id for r in rows], self.tracker, self.config)
+    def compute(self, rows: list[VideoRow], clips: list[Clip]) -> list[dict[str, np.ndarray]]:
+        return track_clips(
+            clips, [r.video_id for r in rows], self.tracker, self.config, self.backbone
+        )
 
 
 def open_tracks_store(
-    out: str | Path, manifest: Manifest, config: TracksConfig, tracker: Tracker
+    out: str | Path,
+    manifest: Manifest,
+    config: TracksConfig,
+    tracker: Tracker,
+    backbone: Backbone | None = None,
 ) -> RowStore:
-    """Create the store for (manifest, config, tracker), or open it if it was made for them."""
+    """Create the store for (manifest, config, tracker), or open it if it was made for them
+    (semantic queries: and for the clustering `backbone`)."""
     provenance = {
         "manifest_sha256": manifest.sha256,
         "config": asdict(config),
         "tracker": tracker.identity.to_dict(),
     }
+    if config.semantic is not None:
+        provenance["clustering_backbone"] = backbone.identity
     fields = tracks_fields(config.frames, config.points, config.subset)
     return RowStore.create_or_open(
         out, TRACKS, fields, len(manifest.rows), config.shard_size, provenance
@@ -156,6 +267,7 @@ class TracksRecipe:
     tracker_options: tuple[tuple[str, object], ...] = ()
     device: str = "cpu"
     batch_videos: int = 1
+    cluster_weights: str | None = None  # semantic queries: the clustering backbone's weights
     name: str = "tracks"
 
     def build(self) -> TracksStage:
@@ -165,10 +277,18 @@ class TracksRecipe:
             device=self.device,
             **dict(self.tracker_options),
         )
-        return TracksStage(self.config, tracker, self.batch_videos)
+        backbone = None
+        if self.config.semantic is not None:
+            backbone = create_backbone(
+                self.config.semantic.backbone, weights=self.cluster_weights,
+                device=self.device, preprocess=S.PREPROCESS,
+            )  # fmt: skip
+        elif self.cluster_weights is not None:
+            raise ValueError("clustering weights need semantic queries")
+        return TracksStage(self.config, tracker, self.batch_videos, backbone)
 
     def open_store(self, out: str | Path, manifest: Manifest, stage: TracksStage) -> RowStore:
-        return open_tracks_store(out, manifest, self.config, stage.tracker)
+        return open_tracks_store(out, manifest, self.config, stage.tracker, stage.backbone)
 
 
 def extract_tracks(
@@ -180,11 +300,14 @@ def extract_tracks(
     tracker_options: dict | None = None,
     device: str = "cpu",
     batch_videos: int = 1,
+    cluster_weights: str | Path | None = None,
     **run,
 ) -> RunSummary:
     """Run this process's share of the tracks stage (see `executors.extract` for `run`).
 
-    `tracker_options` go to the tracker's constructor (and into its identity).
+    `tracker_options` go to the tracker's constructor (and into its identity);
+    `cluster_weights` are the weights of semantic queries' clustering backbone (default: the
+    backbone's caches).
     """
     recipe = TracksRecipe(
         config,
@@ -192,5 +315,6 @@ def extract_tracks(
         tuple(sorted((tracker_options or {}).items())),
         device,
         batch_videos,
+        None if cluster_weights is None else str(cluster_weights),
     )
     return extract(recipe, manifest, out, **run)

@@ -3,6 +3,14 @@
 A tracker takes the frames of one clip, (T, H, W, 3) uint8 RGB, and queries (N, 3) as
 (t, x, y) in pixels of those frames, and returns tracks (T, N, 2) float32 as (x, y) pixels and
 visibility (T, N) bool. Queries may come from several query frames in one call.
+
+Every tracker tracks each point from its query frame to the last frame. With `backward=True`
+it also tracks each point from its query frame back to the first frame, as the official
+CoTracker predictor's `backward_tracking=True` does: the frames before a point's query frame
+hold a track of the time-reversed clip from the query point. With `backward=False` what those
+frames hold is the tracker's own choice (its docstring says what: `lk` tracks them backwards
+all the same, `cotracker3` holds the query point there, invisible); the TATs pipeline hides
+them.
 """
 
 from __future__ import annotations
@@ -31,12 +39,15 @@ class TrackerIdentity:
 class Tracker(Protocol):
     identity: TrackerIdentity
 
-    def track(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Track `queries` (N, 3) = (t, x, y) through `frames` (T, H, W, 3) uint8."""
+    def track(
+        self, frames: np.ndarray, queries: np.ndarray, *, backward: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Track `queries` (N, 3) = (t, x, y) through `frames` (T, H, W, 3) uint8; `backward`:
+        before each query frame too (see the module docstring)."""
         ...
 
     def track_batch(
-        self, clips: Sequence[tuple[np.ndarray, np.ndarray]]
+        self, clips: Sequence[tuple[np.ndarray, np.ndarray]], *, backward: bool = False
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Track several (frames, queries) clips; trackers that can batch override this."""
         ...

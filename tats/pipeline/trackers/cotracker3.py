@@ -13,6 +13,11 @@ grid at frame 0 added to explicit queries, and each track overwritten with its q
   it would get alone;
 - optionally (`from_query_frame=True`) each point is tracked only from its query frame on,
   which skips the frames the TATs pipeline never uses and changes the tracks slightly;
+- backward tracking (`backward=True` on a call), as the official predictor's
+  `backward_tracking=True`: the clip is tracked once more time-reversed, with the support grid
+  queried at the original first frame (its last reversed frame; with `from_query_frame=True`
+  at the reversed clip's first frame, else it would exist in one frame only), and that pass
+  fills the frames before each point's query frame;
 - bounded memory: clips longer than `max_offline_frames` (or that run out of GPU memory) go
   through the online model's sliding windows (16 frames, step 8);
 - bf16 autocast on CUDA (`precision="auto"`).
@@ -73,7 +78,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, kind: str = "offline") -> 
         name = CHECKPOINT_FILES[kind]
         raise CheckpointError(
             f"no CoTracker3 {kind} weights: pass --checkpoint PATH, or download "
-            f"{CHECKPOINT_URL.format(name)} to {path}"
+            f"{CHECKPOINT_URL.format(name)} to {path} (--tracker lk needs no weights)"
         )
     return path
 
@@ -269,19 +274,42 @@ class CoTracker3Tracker:
             return "online"
         return "offline"
 
-    def track(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Track `queries` (N, 3) = (t, x, y) through `frames` (T, H, W, 3) uint8."""
-        return self.track_batch([(frames, queries)])[0]
+    def track(
+        self, frames: np.ndarray, queries: np.ndarray, *, backward: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Track `queries` (N, 3) = (t, x, y) through `frames` (T, H, W, 3) uint8 (`backward`:
+        before each query frame too)."""
+        return self.track_batch([(frames, queries)], backward=backward)[0]
 
     @torch.inference_mode()
     def track_batch(
-        self, clips: Sequence[tuple[np.ndarray, np.ndarray]]
+        self, clips: Sequence[tuple[np.ndarray, np.ndarray]], *, backward: bool = False
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Track several (frames, queries) clips; returns (tracks, visible) per clip."""
-        prepared = [_check_clip(i, frames, queries) for i, (frames, queries) in enumerate(clips)]
-        results: list = [None] * len(clips)
+        """Track several (frames, queries) clips; returns (tracks, visible) per clip. With
+        `backward`, the time-reversed clips go in the same batches."""
+        prepared = [
+            (*_check_clip(i, frames, queries), 0) for i, (frames, queries) in enumerate(clips)
+        ]
+        if not backward:
+            return self._track_prepared(prepared)
+        # The official backward pass queries its support grid at the original frame 0.
+        last = not self.from_query_frame
+        reversed_clips = [
+            (frames[::-1], _reverse_time(queries, len(frames)), len(frames) - 1 if last else 0)
+            for frames, queries, _ in prepared
+        ]
+        results = self._track_prepared(prepared + reversed_clips)
+        n = len(prepared)
+        return [
+            _fill_before_query(queries, results[i], results[n + i])
+            for i, (_, queries, _) in enumerate(prepared)
+        ]
+
+    def _track_prepared(self, prepared: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Track checked (frames, queries, support grid frame) clips."""
+        results: list = [None] * len(prepared)
         offline, windowed = [], []
-        for i, (frames, queries) in enumerate(prepared):
+        for i, (frames, queries, _) in enumerate(prepared):
             t = len(frames)
             if len(queries) == 0:
                 results[i] = (np.zeros((t, 0, 2), np.float32), np.zeros((t, 0), bool))
@@ -306,7 +334,9 @@ class CoTracker3Tracker:
 
     # ---------------------------------------------------------------- passes
 
-    def _passes(self, clip: int, frames: np.ndarray, queries: np.ndarray) -> list[_Pass]:
+    def _passes(
+        self, clip: int, frames: np.ndarray, queries: np.ndarray, support_frame: int
+    ) -> list[_Pass]:
         t, h, w = frames.shape[:3]
         mh, mw = self.model_resolution
         q = torch.from_numpy(queries.astype(np.float32))
@@ -319,7 +349,7 @@ class CoTracker3Tracker:
         support = torch.zeros(0, 3)
         if self.support_grid:
             grid = _model_grid(SUPPORT_GRID_SIZE, self.model_resolution)
-            support = torch.cat([torch.zeros(len(grid), 1), grid], dim=1)
+            support = torch.cat([torch.full((len(grid), 1), float(support_frame)), grid], dim=1)
         return [
             _Pass(clip, cols, torch.cat([q[torch.from_numpy(cols)], support]), len(support))
             for cols in groups
@@ -332,7 +362,7 @@ class CoTracker3Tracker:
         groups: list[list[int]] = []
         rows = points = 0
         for i in order:
-            frames, queries = prepared[i]
+            frames, queries, _ = prepared[i]
             n = len(queries) + (SUPPORT_GRID_SIZE**2 if self.support_grid else 0)
             passes = 1 if self.passes == "joint" else len(np.unique(queries[:, 0]))
             t_max = window or len(prepared[groups[-1][0]][0] if groups else frames)
@@ -349,17 +379,20 @@ class CoTracker3Tracker:
     def _run_offline_or_fallback(self, prepared, group: list[int], results: list) -> None:
         try:
             self._run_offline(prepared, group, results)
+            return
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(group) > 1:
-                half = len(group) // 2
-                self._run_offline_or_fallback(prepared, group[:half], results)
-                self._run_offline_or_fallback(prepared, group[half:], results)
-            elif self.online_net is not None:
-                self._run_windows(prepared, group, results)
-            else:
+            if len(group) == 1 and self.online_net is None:
                 raise
+        # Out of the except block: its traceback holds the failed pass's tensors, which the
+        # cache could not give back while it lives.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(group) > 1:
+            half = len(group) // 2
+            self._run_offline_or_fallback(prepared, group[:half], results)
+            self._run_offline_or_fallback(prepared, group[half:], results)
+        else:
+            self._run_windows(prepared, group, results)
 
     def _run_offline(self, prepared, group: list[int], results: list) -> None:
         net = self.net
@@ -457,6 +490,8 @@ class CoTracker3Tracker:
         return [torch.cat(level) for level in levels], offsets
 
     def _features(self, net, frames: np.ndarray) -> list[torch.Tensor]:
+        if min(frames.strides) < 0:  # a chunk of a time-reversed clip (backward tracking)
+            frames = frames.copy()
         video = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
         video = video.permute(0, 3, 1, 2).float()
         video = F.interpolate(video, self.model_resolution, mode="bilinear", align_corners=True)
@@ -610,7 +645,7 @@ class CoTracker3Tracker:
         """Drop support points, overwrite query frames, scale to input pixels, reassemble."""
         mh, mw = self.model_resolution
         for k, i in enumerate(group):
-            frames, queries = prepared[i]
+            frames, queries, _ = prepared[i]
             t, h, w = frames.shape[:3]
             tracks = np.zeros((t, len(queries), 2), np.float32)
             vis = np.zeros((t, len(queries)), bool)
@@ -638,6 +673,23 @@ def _resized(net: CoTracker3, length: int, total: int) -> torch.Tensor:
     """The time embedding for a clip of `length` frames, zero-padded to `total` frames."""
     emb = net.time_embedding(length)[0]
     return F.pad(emb, (0, 0, 0, total - length))
+
+
+def _reverse_time(queries: np.ndarray, num_frames: int) -> np.ndarray:
+    """Queries (t, x, y) of a clip -> the same points in the time-reversed clip."""
+    flipped = queries.copy()
+    flipped[:, 0] = num_frames - 1 - flipped[:, 0]
+    return flipped
+
+
+def _fill_before_query(queries: np.ndarray, forward, backward) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's forward (tracks, visible), with the frames before each point's query frame
+    taken from the pass over the time-reversed clip, `backward`."""
+    tracks, visible = forward
+    before = np.arange(len(tracks))[:, None] < queries[None, :, 0]
+    tracks = np.where(before[..., None], backward[0][::-1], tracks)
+    visible = np.where(before, backward[1][::-1], visible)
+    return tracks, visible
 
 
 def _check_clip(index: int, frames, queries) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,12 @@
 """Pyramidal Lucas-Kanade (OpenCV): a weight-free CPU tracker for the demo and the tests.
 
-All query frames go in one call: a forward sweep carries every point from its query frame to
-the last frame, a backward sweep to the first. Each step is checked forward-backward: a point
-whose round trip misses by more than `fb_threshold` px, or that leaves the image, is lost. LK
-cannot find a point again after an occlusion, so a lost point stays invisible for the rest of
-its sweep and keeps the position where it was lost.
+All query frames go in one call: a sweep carries every point from its query frame to the last
+frame, and the same sweep over the time-reversed clip carries it back to the first frame. LK
+always tracks both ways (it is cheap, and grid stores have always held those tracks), so
+`backward=True` changes nothing here. Each step is checked forward-backward: a point whose
+round trip misses by more than `fb_threshold` px, or that leaves the image, is lost. LK cannot
+find a point again after an occlusion, so a lost point stays invisible for the rest of its
+sweep and keeps the position where it was lost.
 """
 
 from __future__ import annotations
@@ -39,35 +41,47 @@ class LKTracker:
             f"{levels} levels, forward-backward check {fb_threshold} px",
         )
 
-    def track(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        T, H, W = frames.shape[:3]
-        N = len(queries)
+    def track(
+        self, frames: np.ndarray, queries: np.ndarray, *, backward: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Track `queries` (N, 3) = (t, x, y) through `frames` (T, H, W, 3) uint8, both ways."""
+        T = len(frames)
         gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
         start = np.clip(np.rint(queries[:, 0]).astype(int), 0, T - 1)
-        tracks = np.zeros((T, N, 2), np.float32)
-        visible = np.zeros((T, N), bool)
-        tracks[start, np.arange(N)] = queries[:, 1:]
-        visible[start, np.arange(N)] = True
-        for step in (1, -1):
-            started = np.zeros(N, bool)
-            active = np.zeros(N, bool)
-            for t in range(T - 1) if step == 1 else range(T - 1, 0, -1):
-                active |= start == t
-                started |= start == t
-                held = started & ~active
-                tracks[t + step, held] = tracks[t, held]
-                ids = np.flatnonzero(active)
-                if len(ids):
-                    new, ok = self._step(gray[t], gray[t + step], tracks[t, ids], W, H)
-                    tracks[t + step, ids] = new
-                    visible[t + step, ids] = ok
-                    active[ids[~ok]] = False
+        points = np.asarray(queries[:, 1:], np.float32)
+        tracks, visible = self._sweep(gray, start, points)
+        back_tracks, back_visible = self._sweep(gray[::-1], T - 1 - start, points)
+        before = np.arange(T)[:, None] < start[None, :]
+        tracks[before] = back_tracks[::-1][before]
+        visible[before] = back_visible[::-1][before]
         return tracks, visible
 
     def track_batch(
-        self, clips: Sequence[tuple[np.ndarray, np.ndarray]]
+        self, clips: Sequence[tuple[np.ndarray, np.ndarray]], *, backward: bool = False
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         return [self.track(frames, queries) for frames, queries in clips]
+
+    def _sweep(
+        self, gray: Sequence[np.ndarray], start: np.ndarray, points: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points (N, 2) from their start frames to the last frame of `gray`; (T, N, 2) and
+        (T, N) with the query point, invisible, before each start frame."""
+        T, (H, W), N = len(gray), gray[0].shape, len(points)
+        tracks = np.broadcast_to(points, (T, N, 2)).copy()
+        visible = np.zeros((T, N), bool)
+        visible[start, np.arange(N)] = True
+        active = np.zeros(N, bool)
+        for t in range(T - 1):
+            active |= start == t
+            lost = (start <= t) & ~active
+            tracks[t + 1, lost] = tracks[t, lost]
+            ids = np.flatnonzero(active)
+            if len(ids):
+                new, ok = self._step(gray[t], gray[t + 1], tracks[t, ids], W, H)
+                tracks[t + 1, ids] = new
+                visible[t + 1, ids] = ok
+                active[ids[~ok]] = False
+        return tracks, visible
 
     def _flow(self, src, dst, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         new, status, _ = cv2.calcOpticalFlowPyrLK(

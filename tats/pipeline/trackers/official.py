@@ -41,6 +41,8 @@ class OfficialCoTracker:
     predictor then adds its support grid). online=True: `CoTrackerOnlinePredictor` fed
     windows of 16 frames with step 8, as the official online demo does; the adapter then
     applies the offline predictor's query-frame overwrite so both modes share one contract.
+    `backward=True` is the offline predictor's `backward_tracking=True` (the online predictor
+    has none).
     """
 
     def __init__(
@@ -92,8 +94,12 @@ class OfficialCoTracker:
             mode=f"{kind}; passes={passes}; support_grid={'yes' if support_grid else 'no'}",
         )
 
-    def track(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def track(
+        self, frames: np.ndarray, queries: np.ndarray, *, backward: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Track `queries` (N, 3) = (t, x, y) through `frames` (T, H, W, 3) uint8."""
+        if backward and self.online:
+            raise ValueError("the official online predictor has no backward tracking")
         frames = np.asarray(frames)
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, 3)
         t = len(frames)
@@ -109,23 +115,27 @@ class OfficialCoTracker:
             groups = [np.flatnonzero(queries[:, 0] == f) for f in np.unique(queries[:, 0])]
         with torch.no_grad():
             for cols in groups:
-                run = self._online if self.online else self._offline
-                c, v = run(video, queries[cols])
+                if self.online:
+                    c, v = self._online(video, queries[cols])
+                else:
+                    c, v = self._offline(video, queries[cols], backward)
                 tracks[:, cols], visible[:, cols] = c, v
         return tracks, visible
 
     def track_batch(
-        self, clips: Sequence[tuple[np.ndarray, np.ndarray]]
+        self, clips: Sequence[tuple[np.ndarray, np.ndarray]], *, backward: bool = False
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self.track(frames, queries) for frames, queries in clips]
+        return [self.track(frames, queries, backward=backward) for frames, queries in clips]
 
-    def _offline(self, video: torch.Tensor, queries: np.ndarray):
+    def _offline(self, video: torch.Tensor, queries: np.ndarray, backward: bool):
         if self.support_grid:
             q = torch.from_numpy(queries)[None].to(self.device)
-            tracks, visible = self.predictor(video, queries=q)
+            tracks, visible = self.predictor(video, queries=q, backward_tracking=backward)
         else:
             frame, size = self._grid_pass(video, queries)
-            tracks, visible = self.predictor(video, grid_size=size, grid_query_frame=frame)
+            tracks, visible = self.predictor(
+                video, grid_size=size, grid_query_frame=frame, backward_tracking=backward
+            )
         return tracks[0].cpu().numpy(), visible[0].cpu().numpy()
 
     def _grid_pass(self, video: torch.Tensor, queries: np.ndarray) -> tuple[int, int]:

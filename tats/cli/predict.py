@@ -1,0 +1,101 @@
+"""`tats predict`: classify query videos from a few labelled support videos of new classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tats.cli.common import OK, SOME_FAILED, graceful_termination, input_errors
+from tats.cli.extract import VIDEO_TIMEOUT
+
+HELP = (
+    "Classify the videos of --query from the labelled videos of --support with a trained "
+    "checkpoint: extract tracks and features of both lists into --out as the checkpoint's "
+    "training stores were made (rerun to resume), embed every clip, match each query against "
+    "every support class. Writes predictions.csv (nearest class, distance and score per class), "
+    "metrics.json, failed.csv, and accuracy with confusion.png where queries have labels. "
+    "Exit 1: some videos could not be read (listed; the rest are predicted); 2: bad input; "
+    "3: the machine failed (rerun to resume)."
+)
+
+
+def predict(
+    checkpoint: Path = typer.Option(
+        ..., help="A tats-train checkpoint (e.g. run/checkpoints/best.pt)."
+    ),
+    support: Path = typer.Option(
+        ..., help="CSV video_id,path,label: the labelled clips, any number per class."
+    ),
+    query: Path = typer.Option(..., help="CSV video_id,path[,label]: the clips to classify."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (stores, predictions)."),
+    video_root: Path | None = typer.Option(
+        None, help="Folder that relative video paths start from [default: each list's folder]."
+    ),
+    tracker_checkpoint: Path | None = typer.Option(
+        None, help="Tracker weights, the training stores' file [default: the torch hub cache]."
+    ),
+    tracker_option: list[str] = typer.Option(
+        [], help="A tracker setting KEY=VALUE, repeatable, as for tats-extract tracks."
+    ),
+    weights: Path | None = typer.Option(
+        None, help="Backbone weights, the training stores' file [default: the caches]."
+    ),
+    cluster_weights: Path | None = typer.Option(
+        None, help="Semantic queries: the clustering backbone's weights, the training stores' "
+        "file [default: the caches]."
+    ),
+    device: str = typer.Option("cpu", help="Where the stages and the model run: cpu, cuda, ..."),
+    workers: int = typer.Option(2, help="Decoding processes (and clip readers for the model)."),
+    tracks_batch: int = typer.Option(1, help="Videos per tracker call."),
+    features_batch: int = typer.Option(4, help="Videos per backbone forward."),
+    batch_clips: int = typer.Option(32, help="Clips per model forward."),
+    video_timeout: float = VIDEO_TIMEOUT,
+    executor: str = typer.Option(
+        "local", help="local, or dask: the stages' units as tasks on --scheduler."
+    ),
+    scheduler: str | None = typer.Option(
+        None, help="Dask scheduler: tcp://host:8786, a scheduler file, or local:N."
+    ),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Classify query videos from a few labelled support videos of new classes."""
+    from tats.cli.extract import parse_options
+    from tats.predict import predict as run_predict
+
+    with graceful_termination(), input_errors():
+        result = run_predict(
+            checkpoint, support, query, out, video_root=video_root,
+            tracker_checkpoint=tracker_checkpoint, tracker_options=parse_options(tracker_option),
+            weights=weights, cluster_weights=cluster_weights, device=device,
+            tracks_batch=tracks_batch,
+            features_batch=features_batch, workers=workers, batch_clips=batch_clips,
+            progress=progress, executor=executor, scheduler=scheduler,
+            video_timeout=video_timeout or None,
+        )  # fmt: skip
+    for stage, summary in result.extraction.items():
+        typer.echo(
+            f"{stage}: {summary.videos_done} videos extracted, {len(summary.failures)} failed, "
+            f"{summary.units_skipped} units already done"
+        )
+    labelled = {c: 0 for c in result.classes}
+    predicted = {c: 0 for c in result.classes}
+    for p in result.predictions:
+        predicted[p.predicted] += 1
+        labelled[p.label] = labelled.get(p.label, 0) + bool(p.label)
+    width = max(len("class"), *(len(c) for c in result.classes))
+    typer.echo(f"{'class':<{width}}  support  predicted  labelled  accuracy")
+    for c in result.classes:
+        accuracy = f"{result.per_class[c]:7.1f}%" if c in result.per_class else "       -"
+        typer.echo(
+            f"{c:<{width}}  {result.support[c]:7d}  {predicted[c]:9d}  {labelled[c]:8d}  {accuracy}"
+        )
+    if result.accuracy is not None:
+        typer.echo(
+            f"accuracy {result.accuracy:.1f} +- {result.ci95:.1f}% over "
+            f"{sum(labelled.values())} labelled queries"
+        )
+    typer.echo(f"{len(result.predictions)} queries predicted: {result.out / 'predictions.csv'}")
+    for f in result.failed:
+        typer.echo(f"failed {f.role} {f.video_id} ({f.path}): {f.error}", err=True)
+    raise typer.Exit(SOME_FAILED if result.failed else OK)

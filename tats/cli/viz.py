@@ -1,0 +1,170 @@
+"""`tats viz`: pictures of what the tracker, the backbone and the model saw."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from tats.cli.common import fail, input_errors
+
+app = typer.Typer(
+    help="Pictures of a video's stored tracks (tracks), its patch features (features) and a "
+    "model's matching in one few-shot episode (episode). They draw what the stores and the "
+    "checkpoint hold: nothing is tracked or encoded again.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+MANIFEST = typer.Option(..., "--manifest", "-m", help="Dataset manifest CSV.", show_default=False)
+VIDEO_ROOT = typer.Option(
+    None, help="Folder that relative video paths start from [default: the manifest's folder]."
+)
+VIDEO_ID = typer.Option(..., "--video-id", help="The video to draw.", show_default=False)
+
+
+@contextmanager
+def picture_errors() -> Iterator[None]:
+    """Bad input (stores, manifest, an unreadable video) as one line, exit 2."""
+    from tats.video import VideoError
+
+    with input_errors():
+        try:
+            yield
+        except VideoError as error:
+            raise fail(str(error)) from None
+
+
+@app.command()
+def tracks(
+    tracks: Path = typer.Option(..., "--tracks", help="The tracks store.", show_default=False),
+    manifest: Path = MANIFEST,
+    video_id: str = VIDEO_ID,
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="x.png (contact sheet), x.mp4 or x.gif.", show_default=False
+    ),
+    all_frames: bool = typer.Option(
+        False,
+        "--all-frames",
+        help="Every frame of the time base, each with the points of the "
+        "latest stored frame (nothing is tracked again) [default: the stored frames].",
+    ),
+    trail: int = typer.Option(3, help="Trail length in stored frames."),
+    size: int = typer.Option(256, help="Longer side of each frame in px."),
+    columns: int = typer.Option(4, help="Frames per row of the contact sheet."),
+    video_root: Path | None = VIDEO_ROOT,
+) -> None:
+    """Draw the stored points over the video's frames: colour = query frame (or cluster),
+    filled = visible, hollow = not visible, with trails; points the filter dropped are left
+    out."""
+    from tats.manifest import read_manifest
+    from tats.viz import render_tracks
+
+    with picture_errors():
+        rows = read_manifest(manifest, video_root)
+        path = render_tracks(tracks, rows, video_id, out, all_frames, trail, size, columns)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def features(
+    features: Path = typer.Option(
+        ..., "--features", help="The features store.", show_default=False
+    ),
+    manifest: Path = MANIFEST,
+    video_id: str = VIDEO_ID,
+    out: Path = typer.Option(..., "--out", "-o", help="x.png", show_default=False),
+    size: int = typer.Option(192, help="Longer side of each frame in px."),
+    video_root: Path | None = VIDEO_ROOT,
+) -> None:
+    """Draw the video's stored frames and, under each, its patch features projected to RGB by
+    PCA (the first three components over the clip's patches)."""
+    from tats.manifest import read_manifest
+    from tats.viz import render_features
+
+    with picture_errors():
+        rows = read_manifest(manifest, video_root)
+        path = render_features(features, rows, video_id, out, size)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def episode(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="A tats-train checkpoint (best.pt).", show_default=False
+    ),
+    tracks: Path = typer.Option(..., "--tracks", help="The tracks store.", show_default=False),
+    features: Path = typer.Option(
+        ..., "--features", help="The features store.", show_default=False
+    ),
+    manifest: Path = MANIFEST,
+    out: Path = typer.Option(..., "--out", "-o", help="x.png", show_default=False),
+    episode: int = typer.Option(0, help="Which episode of the split, as evaluation draws it."),
+    query: int = typer.Option(0, help="Which query of the episode."),
+    split: str = typer.Option("test", help="train, val or test."),
+    points: int = typer.Option(12, help="Query points whose matches are drawn per frame pair."),
+    size: int = typer.Option(192, help="Longer side of each frame in px."),
+    device: str = typer.Option("cpu", help="Where the model runs."),
+) -> None:
+    """Draw how the checkpoint classified one query of one episode: for the predicted class
+    and the true class (the runner-up where the prediction is right), each query frame beside
+    the support frame the Hausdorff matching paired it with, and lines from query points to
+    their most similar support points (token cosine). The metric matches frames by their
+    point-averaged embeddings; the point lines show what the matched frames share."""
+    from tats.viz import render_episode
+
+    with picture_errors():
+        result = render_episode(checkpoint, tracks, features, manifest, out, episode, query,
+                                split, points, size, device)  # fmt: skip
+    nearest = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.distances.items(),
+                                                             key=lambda kv: kv[1]))  # fmt: skip
+    typer.echo(
+        f"query {result.query_video}: true {result.true_class}, predicted "
+        f"{result.predicted_class}; distances: {nearest}"
+    )
+    typer.echo(f"wrote {result.path}")
+
+
+@app.command()
+def queries(
+    video: Path = typer.Option(..., "--video", help="A video file.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="x.png", show_default=False),
+    backbone: str = typer.Option(
+        "dinov2_vitb14", help="The features clustered (pixels: weight-free)."
+    ),
+    weights: Path | None = typer.Option(None, help="The backbone's weights [default: its caches]."),
+    method: str = typer.Option("bipartite", help="bipartite (token merging) or kmeans."),
+    frames: int = typer.Option(32, help="Frames clustered, uniformly spread."),
+    threshold: float = typer.Option(
+        0.2, help="bipartite: a later frame's centroid is a new cluster below this cosine."
+    ),
+    kmeans_clusters: int = typer.Option(32, help="kmeans: the number of clusters."),
+    points_per_cluster: int = typer.Option(16, help="Query points per cluster."),
+    max_clusters: int = typer.Option(32, help="Clusters kept, the largest."),
+    fps: float = typer.Option(10.0, help="Time base in frames per second; 0: native."),
+    max_side: int = typer.Option(512, help="Longer side the video is decoded at (0: native)."),
+    size: int = typer.Option(256, help="Longer side of each frame drawn, px."),
+    columns: int = typer.Option(4, help="Frames per row."),
+    device: str = typer.Option("cpu", help="Where the backbone runs."),
+) -> None:
+    """Draw the semantic query points of `tats-extract tracks --queries semantic` on a video:
+    a tile per query frame, patches tinted by cluster, and the query points of the clusters
+    whose peak frame it is."""
+    from tats.pipeline.semantic import SemanticConfig
+    from tats.viz import render_queries
+
+    with picture_errors():
+        config = SemanticConfig(
+            method=method, frames=frames, threshold=threshold, kmeans_clusters=kmeans_clusters,
+            points_per_cluster=points_per_cluster, max_clusters=max_clusters, backbone=backbone,
+        )  # fmt: skip
+        result = render_queries(video, out, config, weights, device, fps or None,
+                                max_side or None, size, columns)  # fmt: skip
+    typer.echo(
+        f"{result.clusters} clusters, {result.points} query points at frames "
+        f"{', '.join(map(str, result.frames))}"
+    )
+    typer.echo(f"wrote {result.path}")

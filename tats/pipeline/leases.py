@@ -1,0 +1,310 @@
+"""Unit leases: which worker computes a store unit right now.
+
+Shares only decide where a worker starts; leases make any mix of workers safe (array tasks,
+resubmitted tasks, Dask retries, processes started by hand). Before computing a unit a worker
+creates `<store>/leases/unit-NNNNNN.lease` exclusively (written aside, then hard-linked into
+place: atomic, and it fails if the file exists, on local file systems and NFS alike). The file
+names its holder: host, PID namespace, pid, process start time and a random id. While a holder
+works, a thread touches its lease files every `timeout / 6` seconds. Another worker that finds
+a lease:
+
+- skips the unit while the holder lives;
+- takes the unit over when the holder is dead: on the same host and PID namespace as soon as
+  its process is gone, anywhere once the file was not touched for `timeout` seconds (clocks
+  are assumed to agree within seconds, as NTP keeps them). Taking over renames the file away
+  (one taker wins the rename) and claims the unit anew.
+
+After claiming, a worker re-reads the unit's ledger record (the previous holder may have
+finished it); before writing the unit's shard it checks that it still holds the lease (a
+holder frozen for longer than the timeout has lost it, and drops its work); it deletes the
+lease after the unit's ledger record. Every holder appends its claims, takeovers, releases and
+losses to its own file `leases/log/<holder>.jsonl`, and keeps the rows it is computing in
+`leases/progress/<holder>.json`, so that whatever kills a worker can be blamed on its video.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HOST = socket.gethostname()
+DEFAULT_TIMEOUT = 180.0
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of process `pid` in clock ticks since boot (Linux), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether process `pid` (started at `start`, if known) still runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    if start is None:
+        return True
+    return _process_start(pid) in (start, None)
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a lease: one per worker process (a new id for every `UnitLeases`)."""
+
+    id: str
+    host: str
+    pid_namespace: str
+    pid: int
+    start: int | None
+
+    @classmethod
+    def me(cls) -> LeaseHolder:
+        pid = os.getpid()
+        return cls(f"{HOST}-{pid}-{uuid.uuid4().hex[:8]}", HOST, _pid_namespace(), pid,
+                   _process_start(pid))  # fmt: skip
+
+    @property
+    def local(self) -> bool:
+        """On this host and in this PID namespace, where its pid can be checked."""
+        return self.host == HOST and self.pid_namespace == _pid_namespace()
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease file as found: its holder, unit, claim time and last heartbeat (file mtime)."""
+
+    holder: LeaseHolder
+    unit: int
+    claimed: float
+    heartbeat: float
+
+    def age(self) -> float:
+        return time.time() - self.heartbeat
+
+
+class UnitLeases:
+    """This process's leases on the units of one store; use as a context manager.
+
+    `claim(unit)` returns whether this process now holds the unit; `holds(unit)` checks that it
+    still does (read from the file); `release(unit)` gives it up. Leaving the context releases
+    every lease still held and stops the heartbeat.
+    """
+
+    def __init__(self, directory: str | Path, timeout: float = DEFAULT_TIMEOUT):
+        if timeout <= 0:
+            raise ValueError(f"lease timeout must be positive, not {timeout}")
+        self.directory = Path(directory)
+        self.timeout = timeout
+        self.holder = LeaseHolder.me()
+        self._held: dict[int, Path] = {}
+        self._doing: dict[str, dict] = {}  # unit -> what this process does with it
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._log_file = None
+
+    # ------------------------------------------------------------------ public
+
+    def claim(self, unit: int) -> bool:
+        """Claim `unit` unless a live worker holds it (a dead holder's lease is taken over)."""
+        path = self.path(unit)
+        for _ in range(3):  # a lease released or taken between our looks: look again
+            if self._create(path, unit):
+                with self._lock:
+                    self._held[unit] = path
+                self._start_heartbeat()
+                self._log("claim", unit)
+                return True
+            found = read_lease(path)
+            if found is None:
+                continue
+            if not self.is_dead(found):
+                return False
+            if not self._take_away(path, found):
+                return False
+            self._log("takeover", unit, previous=found.holder.id)
+        return False
+
+    def holds(self, unit: int) -> bool:
+        """Whether this process still holds `unit` (False after a takeover by another)."""
+        found = read_lease(self.path(unit))
+        return found is not None and found.holder.id == self.holder.id
+
+    def release(self, unit: int, lost: bool = False) -> None:
+        """Give `unit` up (`lost`: it was taken over; the file is then another's)."""
+        with self._lock:
+            path = self._held.pop(unit, None)
+            self._doing.pop(str(unit), None)
+        if path is None:
+            return
+        if not lost and self.holds(unit):
+            path.unlink(missing_ok=True)
+        self._log("lost" if lost else "release", unit)
+
+    def progress(self, unit: int, rows: list[int] | None, phase: str) -> None:
+        """Record what this process does with `unit` (`phase` compute, with the rows being
+        computed, or write), so that a worker's death can be blamed on its videos."""
+        with self._lock:
+            self._doing[str(unit)] = {"rows": rows, "phase": phase, "time": time.time()}
+            doing = json.dumps(self._doing)
+            _write_atomically(self.directory / "progress" / f"{self.holder.id}.json", doing)
+
+    def is_dead(self, lease: Lease) -> bool:
+        """Whether a lease's holder stopped: its process is gone, or it stopped heartbeating."""
+        if lease.holder.local and not _alive(lease.holder.pid, lease.holder.start):
+            return True
+        return lease.age() > self.timeout
+
+    def holder_of(self, unit: int) -> LeaseHolder | None:
+        """Who holds `unit` now (None: nobody)."""
+        found = read_lease(self.path(unit))
+        return None if found is None else found.holder
+
+    def path(self, unit: int) -> Path:
+        return self.directory / f"unit-{unit:06d}.lease"
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        for unit in list(self._held):
+            self.release(unit)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> UnitLeases:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _create(self, path: Path, unit: int) -> bool:
+        """Create the lease file with its content in one step; False if it exists."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        content = {"holder": asdict(self.holder), "unit": unit, "claimed": time.time()}
+        aside = self.directory / f".{path.name}.{self.holder.id}.new"
+        aside.write_text(json.dumps(content))
+        try:
+            os.link(aside, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: create-exclusive, then write
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(content))
+            return True
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _take_away(self, path: Path, dead: Lease) -> bool:
+        """Remove a dead holder's lease; False if what was removed was somebody else's."""
+        tomb = self.directory / f".{path.name}.{self.holder.id}.taken"
+        try:
+            os.rename(path, tomb)
+        except FileNotFoundError:
+            return True  # gone meanwhile: claim again
+        taken = read_lease(tomb)
+        try:
+            if taken is not None and taken.holder.id != dead.holder.id:
+                # A live worker claimed the unit between our look and the rename: put it back.
+                try:
+                    os.link(tomb, path)
+                except FileExistsError:
+                    pass
+                return False
+            return True
+        finally:
+            tomb.unlink(missing_ok=True)
+
+    def _start_heartbeat(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="tats-leases", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.timeout / 6):
+            with self._lock:
+                held = list(self._held.values())
+            for path in held:
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass  # taken over, or a passing file-system error: `holds` decides
+
+    def _log(self, event: str, unit: int, **extra) -> None:
+        if self._log_file is None:
+            folder = self.directory / "log"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(folder / f"{self.holder.id}.jsonl", "a")  # noqa: SIM115
+        record = {"time": time.time(), "event": event, "unit": unit,
+                  "holder": self.holder.id, **extra}  # fmt: skip
+        self._log_file.write(json.dumps(record) + "\n")
+        self._log_file.flush()
+
+
+def read_lease(path: Path) -> Lease | None:
+    """The lease at `path`, or None when there is none (or it vanished while being read)."""
+    try:
+        heartbeat = path.stat().st_mtime
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return Lease(LeaseHolder(**data["holder"]), data["unit"], data["claimed"], heartbeat)
+
+
+def read_progress(directory: str | Path, holder_id: str, unit: int) -> dict | None:
+    """What holder `holder_id` last said it was doing with `unit`: {"rows", "phase", "time"}
+    (see `UnitLeases.progress`), None if nothing."""
+    try:
+        doing = json.loads((Path(directory) / "progress" / f"{holder_id}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return doing.get(str(unit))
+
+
+def read_log(directory: str | Path) -> list[dict]:
+    """Every holder's lease events, in time order."""
+    events = []
+    for path in sorted((Path(directory) / "log").glob("*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return sorted(events, key=lambda e: e["time"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,116 @@
+"""Where and how this process runs: its rank in a torchrun job, device, precision, data loading.
+
+Training, evaluation and prediction share it:
+
+    rt = Runtime.setup(device="auto", amp="auto", workers=2, prefetch=4)
+    for batch in rt.loader(dataset, EpisodeKeys(range(rt.rank, n, rt.world))): ...
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an amp mode on a device (None: full precision)."""
+    if amp == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp fp16 needs a CUDA device; use bf16 or off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+@dataclass
+class Runtime:
+    """This process's rank in a torchrun job (0 of 1 without one), device, precision and data
+    loading."""
+
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    workers: int
+    prefetch: int
+
+    @classmethod
+    def setup(cls, device: str, amp: str, workers: int, prefetch: int) -> Runtime:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+            torch.cuda.set_device(dev)
+        if world > 1 and not torch_dist.is_initialized():
+            torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(rank, world, dev, autocast_dtype(amp, dev), workers, prefetch)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.main:
+            print(message, flush=True)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loader(
+        self, dataset: Dataset, sampler: Sampler | None = None, batch_size: int | None = None
+    ) -> DataLoader:
+        """Items in `sampler`'s order (whole episodes, batch_size None), or `batch_size` items
+        of `dataset` at a time in index order (clips)."""
+        batches = len(sampler) if sampler is not None else -(-len(dataset) // (batch_size or 1))
+        workers = min(self.workers, batches)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=self.prefetch if workers > 0 else None,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),  # leaves the global torch random state alone
+        )
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        torch_dist.all_gather_object(values, value)
+        return values
+
+    def mean(self, values: list[float]) -> list[float]:
+        """The mean over the ranks of each value."""
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor)
+        return (tensor / self.world).tolist()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of `tensor` over the ranks, in place (a tensor on the device)."""
+        if self.world > 1:
+            torch_dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
