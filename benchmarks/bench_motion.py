@@ -14,11 +14,15 @@ method differ (tats/methods.py):
     Trokens               semantic queries (clusters of `pixels` features, LK tracks in both
                           directions), cluster sampling, the visible mask, motion tokens
 
+An ablation row, `--rows "Trokens without motion tokens"`, is Trokens with `--motion none`.
+
 Reported: 5-way 1-shot and 5-shot test accuracy +- 95% CI of each row, a model trained per shot.
 Stores are built once under --work and reused; runs resume. Presets: `quick` is a smoke test;
 `cpu` (the default) trains 2.5x longer on twice the videos and is meant to run in under 45
 minutes on 2 idle CPU cores; `full` is the default dataset and point budget (hours on a CPU:
---device cuda). The JSON records each run's seconds and the total.
+--device cuda). The JSON records each run's training seconds (summed from the run's own epoch
+records, so a resumed run counts in full) and the wall seconds of this invocation (small for runs
+that were already finished).
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ ROWS = {
     "TATs": ("uniform", {"method": "tats"}),
     "TATs + motion tokens": ("uniform", {"method": "tats", "motion": "both"}),
     "Trokens": ("semantic", {"method": "trokens"}),
+    # Ablation, not run by default: which part of Trokens makes its lead.
+    "Trokens without motion tokens": ("semantic", {"method": "trokens", "motion": "none"}),
 }
+DEFAULT_ROWS = ["appearance only", "TATs", "TATs + motion tokens", "Trokens"]
 PRESETS = {
     "quick": {
         "synth": SynthConfig(videos_per_class=10, frames=24),
@@ -58,8 +65,8 @@ PRESETS = {
         "train": dict(MODEL, train_queries=3, episodes=60, epochs=6, lr=1e-3, warmup_epochs=0,
                       lr_steps=[], val_episodes=100, test_episodes=500),
     },
-    # 2.5x the quick preset's training steps, twice its videos; about 40 minutes on 2 idle
-    # cores (training reads about 150 clips/s there, motion tokens about 15% fewer).
+    # 2.5x the quick preset's training steps, twice its videos. On 2 idle cores the training
+    # epochs of its eight runs took 22 minutes (benchmarks/results/motion-cpu.json).
     "cpu": {
         "synth": SynthConfig(videos_per_class=20, frames=24),
         "tracks": TracksConfig(tracker="lk", grid=8, subset=64),
@@ -105,7 +112,7 @@ def build_stores(work: Path, preset: dict, stores: set[str], workers: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS)
     parser.add_argument("--work", type=Path, default=None, help="stores and runs go here")
     parser.add_argument("--out", type=Path, default=None, help="the JSON result")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
@@ -140,7 +147,8 @@ def main() -> None:
                 "test_episodes": run.test.episodes, "best_epoch": run.best_epoch,
                 "best_val_accuracy": run.best_val_accuracy,
                 "final_train_accuracy": run.history[-1]["train_accuracy"],
-                "seconds": round(time.perf_counter() - tic, 1), "run": str(run_dir),
+                "train_seconds": round(sum(epoch["seconds"] for epoch in run.history), 1),
+                "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run_dir),
             })  # fmt: skip
     report = {
         "benchmark": "motion",
@@ -151,7 +159,7 @@ def main() -> None:
         "train": preset["train"],
         "seed": args.seed,
         "build_seconds": round(build_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},

@@ -42,7 +42,7 @@ from tats.fewshot import (
     prototype_frames,
 )
 from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
-from tats.runtime import Runtime
+from tats.runtime import Runtime, inference_amp
 from tats.stores import StoreError
 
 EVAL_BATCH = 32  # clips per forward when each clip is embedded once
@@ -96,6 +96,11 @@ def check_model_fits(model_cfg: ModelConfig, data: EpisodeData, source: Path) ->
         raise StoreError(
             f"{source}: the model takes (feature dim, frames, grid) = {want}, the stores hold "
             f"{have}"
+        )
+    if model_cfg.uses_offsets and model_cfg.num_points != data.points:
+        raise StoreError(
+            f"{source}: the model's relative-offset motion tokens take {model_cfg.num_points} "
+            f"points per clip, the stores give {data.points}"
         )
 
 
@@ -338,7 +343,7 @@ def evaluate(
         raise ValueError(f"episodes must be at least 1, not {episodes}")
     state = load_checkpoint(checkpoint)
     saved = state["config"]
-    rt = Runtime.setup(device, saved["amp"], workers, saved["prefetch"])
+    rt = Runtime.setup(device, inference_amp(saved["amp"], device), workers, saved["prefetch"])
     data = EpisodeData.open(tracks, features, manifest)
     check_model_fits(ModelConfig(**state["model_config"]), data, Path(checkpoint))
     model = load_model(state, rt.device)

@@ -24,7 +24,8 @@ LABEL_SMOOTHING = 0.1
 
 
 def class_prototypes(support_tokens: Tensor, support_labels: Tensor, way: int, shot: int) -> Tensor:
-    """Mean over the shots of each class: [way*shot, S, P, D] -> [way, S, P, D], row c = label c."""
+    """Mean over the shots of each class: [way*shot, S, P, D] -> [way, S, P, D] float32, row
+    c = label c."""
     n = support_tokens.shape[0]
     if n != way * shot or support_labels.shape != (n,):
         raise ValueError(
@@ -38,7 +39,9 @@ def class_prototypes(support_tokens: Tensor, support_labels: Tensor, way: int, s
             f"got counts {counts.tolist()}"
         )
     order = torch.argsort(support_labels, stable=True)
-    return support_tokens[order].reshape(way, shot, *support_tokens.shape[1:]).mean(dim=1)
+    # Averaged in float32 under autocast too, as `prototype_frames` (the embed-once path) does.
+    shots = support_tokens[order].reshape(way, shot, *support_tokens.shape[1:])
+    return shots.float().mean(dim=1)
 
 
 def hausdorff_scores(
@@ -64,9 +67,9 @@ def frame_embeddings(tokens: Tensor) -> Tensor:
 def prototype_frames(tokens: Tensor, support_sets: Tensor) -> Tensor:
     """The frame embeddings [M, S, D] of M prototypes: support_sets [M, K] index the K support
     clips of each in tokens [N, S, P, D]; a prototype is its clips' tokens averaged (as
-    `class_prototypes`), then `frame_embeddings`. Adds one clip at a time: no [M, K, ...]
-    temporary."""
-    total = tokens[support_sets[:, 0]]
+    `class_prototypes`, in float32), then `frame_embeddings`. Adds one clip at a time: no
+    [M, K, ...] temporary."""
+    total = tokens[support_sets[:, 0]].float()
     for k in range(1, support_sets.shape[1]):
         total += tokens[support_sets[:, k]]
     return frame_embeddings(total / support_sets.shape[1])

@@ -393,6 +393,14 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
             name: Field(tuple(spec["shape"]), spec["dtype"], spec["fill"], spec["split"])
             for name, spec in attrs["fields"].items()
         }
+        for name, f in fields.items():
+            shape = (attrs["num_rows"], *f.shape)
+            if name not in h5 or h5[name].shape != shape:
+                found = f"shape {h5[name].shape}" if name in h5 else "no such dataset"
+                raise StoreError(
+                    f"{path}: dataset {name!r} should have shape {shape}, found {found}: "
+                    f"the export is damaged"
+                )
         records = [UnitRecord.from_json(text) for text in h5["ledger"].asstr()[...]]
         tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:12]}"
         try:

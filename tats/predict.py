@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import typing
 import warnings
@@ -48,7 +49,7 @@ from tats.evaluate import (
     load_model,
     write_json,
 )
-from tats.fewshot import accuracy_with_ci, frame_embeddings, hausdorff_distances, prototype_frames
+from tats.fewshot import frame_embeddings, hausdorff_distances, prototype_frames
 from tats.manifest import (
     ListedClip,
     ManifestError,
@@ -65,7 +66,7 @@ from tats.pipeline.ledger import Ledger
 from tats.pipeline.runner import RunSummary
 from tats.pipeline.status import done_rows
 from tats.pipeline.tracks import TracksConfig, TracksRecipe
-from tats.runtime import Runtime
+from tats.runtime import Runtime, inference_amp
 from tats.stores import FEATURES, TRACKS, RowStore
 
 Config = typing.TypeVar("Config")
@@ -108,7 +109,7 @@ class PredictResult:
     failed: list[FailedVideo]
     extraction: dict[str, RunSummary]  # what each stage did in this run
     accuracy: float | None = None  # percent, over the queries with labels
-    ci95: float | None = None
+    ci95: tuple[float, float] | None = None  # Wilson score interval of `accuracy`, percent
     per_class: dict[str, float] = field(default_factory=dict)  # by true class
     confusion: np.ndarray | None = None  # [C, C], row = true class, column = predicted
 
@@ -146,7 +147,15 @@ def predict(
     without a readable clip. Videos that cannot be read are in `failed`; the rest are predicted.
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    for name, value in (("tracks_batch", tracks_batch), ("features_batch", features_batch),
+                        ("batch_clips", batch_clips)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, not {workers}")
     state = load_checkpoint(checkpoint)
+    saved = state["config"]
+    rt = Runtime.setup(device, inference_amp(saved["amp"], device), workers, saved["prefetch"])
     recorded = state.get("data") or {}
     if not all(isinstance(recorded.get(s), dict) for s in ("tracks", "features")):
         raise ValueError(
@@ -196,8 +205,6 @@ def predict(
             errors = "; ".join(f"{f.video_id}: {f.error}" for f in failed if f.video_id in listed)
             raise ValueError(f"{support}: class {name!r} has no readable clip ({errors})")
 
-    saved = state["config"]
-    rt = Runtime.setup(device, saved["amp"], workers, saved["prefetch"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EpisodeWarning)  # failed videos: listed in `failed`
         data = EpisodeData.open(tracks_path, features_path, manifest)
@@ -243,8 +250,18 @@ def training_stages(
     return tracks, features
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of `correct` of `n`, in percent. Queries are single
+    right-or-wrong trials, where the normal interval of the episode evaluation would say
+    +- 0 at 0% or 100% however few they are."""
+    p, z2 = correct / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return 100.0 * max(0.0, center - half), 100.0 * min(1.0, center + half)
+
+
 def score_labelled(result: PredictResult) -> None:
-    """Accuracy with its 95% CI, per-class accuracy and the confusion of the queries with a
+    """Accuracy with its 95% interval, per-class accuracy and the confusion of the queries with a
     label (none: left None)."""
     labelled = [p for p in result.predictions if p.label]
     if not labelled:
@@ -253,8 +270,9 @@ def score_labelled(result: PredictResult) -> None:
     confusion = np.zeros((len(index), len(index)), np.int64)
     for p in labelled:
         confusion[index[p.label], index[p.predicted]] += 1
-    result.accuracy, result.ci95 = accuracy_with_ci([100.0 * (p.predicted == p.label)
-                                                     for p in labelled])  # fmt: skip
+    correct = sum(p.predicted == p.label for p in labelled)
+    result.accuracy = 100.0 * correct / len(labelled)
+    result.ci95 = wilson_interval(correct, len(labelled))
     seen = confusion.sum(axis=1)
     result.per_class = {
         result.classes[c]: float(100 * confusion[c, c] / seen[c]) for c in np.flatnonzero(seen)
@@ -286,10 +304,7 @@ def match(
         else:
             start = (g - c) * batch_clips
             query_frames[start : start + len(tokens)] = frame_embeddings(tokens)
-    return torch.cat(
-        [hausdorff_distances(q, class_frames).cpu() for q in query_frames.split(1024)]
-        or [torch.zeros(0, c)]
-    )
+    return torch.cat([hausdorff_distances(q, class_frames).cpu() for q in query_frames.split(1024)])
 
 
 def stage_config(cls: type[Config], values: dict, checkpoint: Path) -> Config:
@@ -338,6 +353,7 @@ def check_identity(what: str, here: dict, recorded: dict, checkpoint: Path) -> N
             f"{checkpoint} was trained on (sha256 {recorded.get(key)}); give the same file "
             f"with {option}"
         )
+    here, recorded = _precision_apart(here), _precision_apart(recorded)
     for name in sorted(set(here) | set(recorded)):
         if here.get(name) == recorded.get(name):
             continue
@@ -349,6 +365,18 @@ def check_identity(what: str, here: dict, recorded: dict, checkpoint: Path) -> N
             hint = " (set it with --tracker-option)" if what == "tracker" else ""
             raise ValueError(message + hint)
         warnings.warn(message, stacklevel=2)
+
+
+def _precision_apart(identity: dict) -> dict:
+    """CoTracker3 names its precision inside its `mode` ("...; precision=bf16; ..."): move it
+    to a key of its own, so that a device change reads as the precision change it is."""
+    mode = identity.get("mode")
+    if not isinstance(mode, str) or "precision=" not in mode:
+        return identity
+    parts = mode.split("; ")
+    precision = [p.partition("=")[2] for p in parts if p.startswith("precision=")]
+    rest = "; ".join(p for p in parts if not p.startswith("precision="))
+    return {**identity, "mode": rest, "precision": precision[0] if precision else None}
 
 
 def write_videos(out: Path, supports: list[ListedClip], queries: list[ListedClip]):

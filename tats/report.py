@@ -171,7 +171,9 @@ def write_report(
     store = Path(first.config["tracks"])
     if video_id is None:  # the first test video the tracks store holds
         done = set(done_rows(RowStore.open(store, TRACKS)).tolist())
-        video_id = next(r.video_id for r in manifest.split_rows("test") if r.row in done)
+        video_id = next((r.video_id for r in manifest.split_rows("test") if r.row in done), None)
+        if video_id is None:
+            raise ValueError(f"{store}: holds no finished test video to draw")
     picture = render_tracks(store, manifest, video_id, run_dir / "report" / "tracks.png",
                             side=192)  # fmt: skip
     lines += [

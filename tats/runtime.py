@@ -29,6 +29,26 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+def resolve_device(device: str) -> torch.device:
+    """`auto` (CUDA where there is one), `cpu`, `cuda` or `cuda:N`; ValueError naming the
+    problem for anything else."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device; use cpu")
+    return dev
+
+
+def inference_amp(amp: str, device: str) -> str:
+    """A checkpoint's amp mode for inference on `device`: fp16 autocast exists only on CUDA,
+    so a model trained with it runs in full precision elsewhere."""
+    return "off" if amp == "fp16" and resolve_device(device).type != "cuda" else amp
+
+
 @dataclass
 class Runtime:
     """This process's rank in a torchrun job (0 of 1 without one), device, precision and data
@@ -45,9 +65,7 @@ class Runtime:
     def setup(cls, device: str, amp: str, workers: int, prefetch: int) -> Runtime:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda":
             dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
             torch.cuda.set_device(dev)

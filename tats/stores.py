@@ -281,7 +281,8 @@ class RowStore:
         now, removed = time.time(), []
         candidates = [p for name in self.fields for p in (self.path / name).rglob("*.partial")]
         candidates += list(self.ledger_dir.glob(".unit-*.tmp"))
-        candidates += [p for p in self.lease_dir.glob(".unit-*") if p.suffix in (".new", ".taken")]
+        asides = (".new", ".taken", ".released")  # lease files of a claim, takeover or release
+        candidates += [p for p in self.lease_dir.glob(".unit-*") if p.suffix in asides]
         candidates += list(self.path.parent.glob(f".{self.path.name}.creating-*"))
         for path in candidates:
             try:

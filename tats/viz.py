@@ -476,7 +476,8 @@ def render_episode(
     from tats.episodes import EpisodeData, EpisodeSpec
     from tats.evaluate import check_model_fits, embed, evaluation_options, load_model
     from tats.fewshot import class_prototypes, frame_distances, frame_embeddings
-    from tats.model import ModelConfig
+    from tats.model import MODEL_INPUTS, ModelConfig
+    from tats.runtime import resolve_device
 
     out = check_picture_path(out, (".png",))
     state = load_checkpoint(checkpoint)
@@ -491,9 +492,11 @@ def render_episode(
     classes = data.classes(split, spec.per_class, spec.way)
     options = evaluation_options(saved)
     batch = data.dataset(split, spec, options, saved["seed"], classes=classes)[(0, episode)]
-    model = load_model(state, torch.device(device))
+    dev = resolve_device(device)
+    model = load_model(state, dev)
     with torch.no_grad():
-        tokens = embed(model, batch).float().cpu()
+        inputs = {k: batch[k].to(dev) for k in MODEL_INPUTS}
+        tokens = embed(model, inputs).float().cpu()
     n, labels = spec.num_support, batch["labels"]
     q = n + query
     prototypes = class_prototypes(tokens[:n], labels[:n], spec.way, spec.shot)

@@ -280,6 +280,20 @@ def test_hdf5_with_changed_data_is_refused(synth_stores, tmp_path):
     assert not list(tmp_path.glob(".back.zarr*"))
 
 
+def test_hdf5_with_a_missing_array_exits_2_naming_it(synth_stores, tmp_path):
+    manifest = read_manifest(synth_stores.manifest)
+    h5_path = export_h5(synth_stores.tracks, manifest, tmp_path / "tracks.h5")
+    with h5py.File(h5_path, "r+") as h5:
+        del h5["visible"]
+    code, output = invoke("import-h5", h5_path, "--out", tmp_path / "back.zarr")
+    assert code == 2
+    points = RowStore.open(synth_stores.tracks).fields["visible"].shape[1]
+    assert output.strip() == (f"error: {h5_path}: dataset 'visible' should have shape "
+                              f"({len(manifest.rows)}, 8, {points}), found no such dataset: the "
+                              f"export is damaged")  # fmt: skip
+    assert not (tmp_path / "back.zarr").exists()
+
+
 def test_npz_export_writes_each_video(synth_stores, tmp_path):
     manifest = read_manifest(synth_stores.manifest)
     paths = export_npz(synth_stores.tracks, manifest, tmp_path / "npz")

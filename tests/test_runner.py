@@ -5,13 +5,16 @@ on chosen videos; everything else is real: a Zarr store, forked decoding process
 and the leases.
 """
 
+import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from fault_stages import CountingRecipe, CountingStage, fake_videos
 
+from tats.pipeline.leases import LeaseHolder, UnitLeases, read_log
 from tats.pipeline.ledger import Ledger
 from tats.pipeline.runner import RunOptions, run_stage
 
@@ -86,3 +89,42 @@ def test_a_video_that_crashes_its_decoder_twice_is_failed_alone(tmp_path):
     # The video whose process was killed once (as by the out-of-memory killer) was redone.
     assert _done_rows(store) == [0, 2, 3, 4, 5]
     assert (tmp_path / "crash-once.crashed").exists()
+
+
+def _lease_of_a_node_that_died(store, unit: int) -> str:
+    """A fresh lease of `unit` whose holder ran on another node (its death cannot be seen
+    from here: only its lease going stale tells)."""
+    holder = LeaseHolder("node-17-4242-0badc0de", "node-17", "pid:[1]", 4242, 1)
+    store.lease_dir.mkdir(parents=True, exist_ok=True)
+    content = {"holder": asdict(holder), "unit": unit, "claimed": time.time()}
+    (store.lease_dir / f"unit-{unit:06d}.lease").write_text(json.dumps(content))
+    return holder.id
+
+
+def test_a_unit_held_by_a_dead_node_is_taken_over_once_its_lease_goes_stale(tmp_path):
+    # A task resubmitted while its killed predecessor's lease is fresh: it must not end
+    # "done" without that unit.
+    manifest, store = _store(tmp_path, ["a", "b", "c", "d", "e", "f"])
+    dead = _lease_of_a_node_that_died(store, 1)
+    tic = time.monotonic()
+    options = RunOptions(workers=0, lease_timeout=2, progress=False)
+    summary = run_stage(CountingStage(), store, manifest, [0, 1], options)
+    assert summary.units_elsewhere == [] and summary.units == 2
+    assert _done_rows(store) == [0, 1, 2, 3, 4, 5]
+    assert time.monotonic() - tic >= 2  # taken over only once stale
+    takeovers = [e for e in read_log(store.lease_dir) if e["event"] == "takeover"]
+    assert [(e["unit"], e["previous"]) for e in takeovers] == [(1, dead)]
+
+
+def test_a_unit_held_by_a_live_worker_is_left_to_it_after_a_heartbeat(tmp_path):
+    manifest, store = _store(tmp_path, ["a", "b", "c", "d", "e", "f"])
+    with UnitLeases(store.lease_dir, timeout=60) as other:  # heartbeats every 10 s
+        assert other.claim(1)
+        tic = time.monotonic()
+        options = RunOptions(workers=0, lease_timeout=60, progress=False)
+        summary = run_stage(CountingStage(), store, manifest, [0, 1], options)
+        waited = time.monotonic() - tic
+        assert other.holds(1)
+    assert summary.units_elsewhere == [f"unit 1 ({other.holder})"]
+    assert _done_rows(store) == [0, 1, 2]
+    assert waited < 15  # one heartbeat, not the lease timeout

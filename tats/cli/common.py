@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import click
 import typer
 
 # Commands print library warnings as one plain line, not as source locations.
@@ -15,8 +17,8 @@ warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {
 # Exit codes of the extraction and training commands: 0 all done; 1 some videos failed (they
 # are listed; a rerun retries them); 2 bad input (nothing was computed from it); 3 the
 # infrastructure failed (a full disk, a permission, lost cluster workers): finished work is
-# kept and a rerun resumes.
-OK, SOME_FAILED, BAD_INPUT, INFRASTRUCTURE = 0, 1, 2, 3
+# kept and a rerun resumes; 4 an error in tats itself (its traceback is printed).
+OK, SOME_FAILED, BAD_INPUT, INFRASTRUCTURE, INTERNAL = 0, 1, 2, 3, 4
 
 
 def fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
@@ -31,15 +33,18 @@ def _one_line(error: BaseException) -> str:
 
 @contextmanager
 def input_errors() -> Iterator[None]:
-    """Turn the library's errors into one line on stderr: bad input exits 2, the failures of
-    the machine (OSError but a missing input file, lost Dask workers) exit 3."""
+    """Turn the library's errors into one line on stderr: bad input (a video a command was
+    given that cannot be read included) exits 2, the failures of
+    the machine (OSError but a missing input file, lost Dask workers) exit 3. Anything else is
+    a bug: its traceback, then one line, exit 4 (not 1, which says that videos failed)."""
     from tats.manifest import ManifestError
     from tats.pipeline.executors import InfrastructureError
     from tats.stores import StoreError
+    from tats.video import VideoError
 
     try:
         yield
-    except (ManifestError, StoreError, ValueError, FileNotFoundError) as error:
+    except (ManifestError, StoreError, VideoError, ValueError, FileNotFoundError) as error:
         raise fail(_one_line(error)) from None
     except InfrastructureError as error:
         raise fail(_one_line(error), INFRASTRUCTURE) from None
@@ -48,6 +53,13 @@ def input_errors() -> Iterator[None]:
         problem = error.strerror or _one_line(error)
         message = f"{where}{problem}; finished work is kept, rerun to resume"
         raise fail(message, INFRASTRUCTURE) from None
+    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.ClickException,
+            click.exceptions.Abort):  # fmt: skip
+        raise  # a command's own exit
+    except Exception as error:
+        traceback.print_exc()
+        message = f"internal error ({type(error).__name__}): please report it with its traceback"
+        raise fail(message, INTERNAL) from None
 
 
 @contextmanager

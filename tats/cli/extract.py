@@ -26,7 +26,8 @@ app = typer.Typer(
     "video in a dataset manifest into resumable, sharded Zarr stores. Rerun the same command "
     "to resume; `status` and `verify` inspect a store. Exit codes: 0 all done, 1 some videos "
     "failed (listed; a rerun retries them), 2 bad input, 3 the machine or cluster failed (a "
-    "full disk, a permission, lost workers; a rerun resumes).",
+    "full disk, a permission, lost workers; a rerun resumes), 4 an error in tats itself (its "
+    "traceback is printed).",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,

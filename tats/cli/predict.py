@@ -16,7 +16,8 @@ HELP = (
     "every support class. Writes predictions.csv (nearest class, distance and score per class), "
     "metrics.json, failed.csv, and accuracy with confusion.png where queries have labels. "
     "Exit 1: some videos could not be read (listed; the rest are predicted); 2: bad input; "
-    "3: the machine failed (rerun to resume)."
+    "3: the machine failed (rerun to resume); 4: an error in tats itself (its traceback is "
+    "printed)."
 )
 
 
@@ -92,8 +93,8 @@ def predict(
         )
     if result.accuracy is not None:
         typer.echo(
-            f"accuracy {result.accuracy:.1f} +- {result.ci95:.1f}% over "
-            f"{sum(labelled.values())} labelled queries"
+            f"accuracy {result.accuracy:.1f}% (95% interval {result.ci95[0]:.1f} to "
+            f"{result.ci95[1]:.1f}) over {sum(labelled.values())} labelled queries"
         )
     typer.echo(f"{len(result.predictions)} queries predicted: {result.out / 'predictions.csv'}")
     for f in result.failed:

@@ -24,11 +24,7 @@ def report(
     95% CI, chance level), the stored tracks of a test clip, the curves and confusion matrices,
     and the time each stage took (timings.json); links are relative."""
     from tats.report import write_report
-    from tats.video import VideoError
 
     with input_errors():
-        try:
-            path = write_report(run_dir, started, video_id)
-        except VideoError as error:
-            raise ValueError(str(error)) from None
+        path = write_report(run_dir, started, video_id)
     typer.echo(f"wrote {path}")

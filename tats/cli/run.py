@@ -58,7 +58,8 @@ def run(
     """Run the whole chain on a manifest; rerun the same command to resume it.
 
     Extraction failures (unreadable videos) are listed and left out of training; the exit code
-    is then 1. Each stage's wall time is added to OUT/timings.json (`tats report` shows it).
+    is then 1 (2: bad input, 3: the machine failed, 4: an error in tats itself, as for
+    `tats-extract`). Each stage's wall time is added to OUT/timings.json (`tats report` shows it).
     """
     from tats.manifest import read_manifest
     from tats.methods import TRACKS_KEYS, with_method

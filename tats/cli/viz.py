@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from tats.cli.common import fail, input_errors
+from tats.cli.common import input_errors
+from tats.cli.extract import MANIFEST, VIDEO_ROOT
 
 app = typer.Typer(
-    help="Pictures of a video's stored tracks (tracks), its patch features (features) and a "
-    "model's matching in one few-shot episode (episode). They draw what the stores and the "
-    "checkpoint hold: nothing is tracked or encoded again.",
+    help="Pictures of a video's stored tracks (tracks), its patch features (features), a "
+    "model's matching in one few-shot episode (episode): drawn from what the stores and the "
+    "checkpoint hold, nothing is tracked or encoded again; and the semantic query points "
+    "that --queries semantic would choose for a video (queries).",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
 )
 
-MANIFEST = typer.Option(..., "--manifest", "-m", help="Dataset manifest CSV.", show_default=False)
-VIDEO_ROOT = typer.Option(
-    None, help="Folder that relative video paths start from [default: the manifest's folder]."
-)
 VIDEO_ID = typer.Option(..., "--video-id", help="The video to draw.", show_default=False)
-
-
-@contextmanager
-def picture_errors() -> Iterator[None]:
-    """Bad input (stores, manifest, an unreadable video) as one line, exit 2."""
-    from tats.video import VideoError
-
-    with input_errors():
-        try:
-            yield
-        except VideoError as error:
-            raise fail(str(error)) from None
 
 
 @app.command()
@@ -63,7 +47,7 @@ def tracks(
     from tats.manifest import read_manifest
     from tats.viz import render_tracks
 
-    with picture_errors():
+    with input_errors():
         rows = read_manifest(manifest, video_root)
         path = render_tracks(tracks, rows, video_id, out, all_frames, trail, size, columns)
     typer.echo(f"wrote {path}")
@@ -85,7 +69,7 @@ def features(
     from tats.manifest import read_manifest
     from tats.viz import render_features
 
-    with picture_errors():
+    with input_errors():
         rows = read_manifest(manifest, video_root)
         path = render_features(features, rows, video_id, out, size)
     typer.echo(f"wrote {path}")
@@ -116,7 +100,7 @@ def episode(
     point-averaged embeddings; the point lines show what the matched frames share."""
     from tats.viz import render_episode
 
-    with picture_errors():
+    with input_errors():
         result = render_episode(checkpoint, tracks, features, manifest, out, episode, query,
                                 split, points, size, device)  # fmt: skip
     nearest = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.distances.items(),
@@ -156,7 +140,7 @@ def queries(
     from tats.pipeline.semantic import SemanticConfig
     from tats.viz import render_queries
 
-    with picture_errors():
+    with input_errors():
         config = SemanticConfig(
             method=method, frames=frames, threshold=threshold, kmeans_clusters=kmeans_clusters,
             points_per_cluster=points_per_cluster, max_clusters=max_clusters, backbone=backbone,

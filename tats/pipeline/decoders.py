@@ -88,7 +88,6 @@ class DecoderPool:
         self.loader, self.workers, self.timeout = loader, workers, timeout
         self.ahead = 2 * workers
         self._processes: list[_Process] = []
-        self._unreaped: list[int] = []  # killed while stuck in I/O: reaped on close
 
     def __enter__(self) -> DecoderPool:
         return self
@@ -102,12 +101,7 @@ class DecoderPool:
             process.conn.close()
             self._reap(_kill(process.pid), process.pid)
         self._processes.clear()
-        for pid in self._unreaped:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        self._unreaped.clear()
+        _reap_killed()
 
     def map(self, rows: Iterable[VideoRow]) -> Iterator[Loaded]:
         """Load `rows` in order; the iterable is consumed lazily, `2 * workers` ahead."""
@@ -178,6 +172,7 @@ class DecoderPool:
                 ready[job.seq] = process.conn.recv()
                 process.job = None
             except (EOFError, OSError):
+                process.job = None  # gone from the pool: the timeout check below skips it
                 code = self._replace(process)
                 job.tries += 1
                 if job.tries < MAX_TRIES:
@@ -207,8 +202,23 @@ class DecoderPool:
 
     def _reap(self, code: str, pid: int) -> str:
         if code == "killed":
-            self._unreaped.append(pid)
+            _UNREAPED.add(pid)
         return code
+
+
+# Processes killed while stuck in I/O end when the I/O returns: reaped by a later close (of
+# any pool of this process), so a long-lived process such as a Dask worker keeps no zombies.
+_UNREAPED: set[int] = set()
+
+
+def _reap_killed() -> None:
+    for pid in list(_UNREAPED):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _UNREAPED.discard(pid)
 
 
 def _spawn(loader: Callable[[VideoRow], Any]) -> _Process:

@@ -113,7 +113,10 @@ class UnitTask:
         store = self.recipe.open_store(self.out, self.manifest, stage)  # provenance checked
         result = run_stage(stage, store, self.manifest, [unit], self.options, share=[],
                            blame=self.blame)  # fmt: skip
-        if result.units_elsewhere:  # a worker outside this run holds it: give it time
+        # A dead holder's lease was waited for and taken over in `run_stage`, so a video that
+        # kills worker after worker fails this same task again (`KilledWorker`). A unit left
+        # here is held by a live worker outside this run: give it time before the next look.
+        if result.units_elsewhere:
             time.sleep(self.options.lease_timeout / 6)
         return result
 
@@ -190,8 +193,8 @@ def run_on_dask(
                     broken.append(f"unit {unit}: {type(error).__name__}: {error}")
                     bar.update()
                     continue
-                if result.units_elsewhere:  # held outside this run: try again (the task waited)
-                    new = client.submit(task, unit, pure=False)
+                if result.units_elsewhere:  # held by a live worker outside this run: try again
+                    new = client.submit(retries.get(unit, task), unit, pure=False)
                     futures[new] = unit
                     pending.add(new)
                     continue

@@ -132,14 +132,18 @@ class UnitLeases:
         """Claim `unit` unless a live worker holds it (a dead holder's lease is taken over)."""
         path = self.path(unit)
         for _ in range(3):  # a lease released or taken between our looks: look again
+            with self._lock:  # before the file exists: a SIGTERM right after still releases it
+                self._held[unit] = path
             if self._create(path, unit):
-                with self._lock:
-                    self._held[unit] = path
                 self._start_heartbeat()
                 self._log("claim", unit)
                 return True
+            with self._lock:
+                del self._held[unit]
             found = read_lease(path)
             if found is None:
+                if self._unreadable_and_stale(path):  # a holder died while creating it
+                    path.unlink(missing_ok=True)
                 continue
             if not self.is_dead(found):
                 return False
@@ -160,8 +164,8 @@ class UnitLeases:
             self._doing.pop(str(unit), None)
         if path is None:
             return
-        if not lost and self.holds(unit):
-            path.unlink(missing_ok=True)
+        if not lost:
+            self._remove_own(path)
         self._log("lost" if lost else "release", unit)
 
     def progress(self, unit: int, rows: list[int] | None, phase: str) -> None:
@@ -246,6 +250,30 @@ class UnitLeases:
         finally:
             tomb.unlink(missing_ok=True)
 
+    def _remove_own(self, path: Path) -> None:
+        """Delete the lease at `path` if it is ours; renamed aside first, so that a taker's
+        lease created in between is never deleted."""
+        aside = self.directory / f".{path.name}.{self.holder.id}.released"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return
+        found = read_lease(aside)
+        if found is not None and found.holder.id != self.holder.id:
+            try:
+                os.link(aside, path)  # another's: put it back
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def _unreadable_and_stale(self, path: Path) -> bool:
+        """A lease file that cannot be read (empty: its creator died between creating and
+        writing it, on a file system without hard links) and was not touched for `timeout`."""
+        try:
+            return time.time() - path.stat().st_mtime > self.timeout and read_lease(path) is None
+        except FileNotFoundError:
+            return False
+
     def _start_heartbeat(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="tats-leases", daemon=True)
@@ -256,10 +284,13 @@ class UnitLeases:
             with self._lock:
                 held = list(self._held.values())
             for path in held:
+                found = read_lease(path)
+                if found is None or found.holder.id != self.holder.id:
+                    continue  # taken over: the file is the new holder's to touch
                 try:
                     os.utime(path)
                 except OSError:
-                    pass  # taken over, or a passing file-system error: `holds` decides
+                    pass  # taken over meanwhile, or a passing file-system error: `holds` decides
 
     def _log(self, event: str, unit: int, **extra) -> None:
         if self._log_file is None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline import sources
 from tats.pipeline.decoders import DecoderPool, Loaded
-from tats.pipeline.leases import DEFAULT_TIMEOUT, UnitLeases
+from tats.pipeline.leases import DEFAULT_TIMEOUT, UnitLeases, read_lease
 from tats.pipeline.ledger import Failure, Ledger, UnitRecord
 from tats.stores import RowStore, StoreError, row_digest
 
@@ -124,42 +124,48 @@ def run_stage(
     """Process `units` of `store` in order (skipping finished and held ones).
 
     `share`: the units whose finished rows are checked against their video files first
-    (default: `units`). `blame`: see `Blame`.
+    (default: `units`); an empty share also skips the sweep of killed runs' debris (a Dask
+    task: its client did both for the whole store). `blame`: see `Blame`.
     """
     ledger = Ledger(store.ledger_dir)
     check_sources(store, manifest, ledger, units if share is None else share)
-    store.remove_debris(older_than=options.lease_timeout)
+    if share is None or share:
+        store.remove_debris(older_than=options.lease_timeout)
     summary = RunSummary()
     jobs: deque[_Job] = deque()
     shards = store.shards()
     pending = {u: _pending_rows(ledger.read(u), shards[u]) for u in units}
+    total = sum(pending.values())
     bar = tqdm(
-        total=sum(pending.values()), desc=desc, unit="video", disable=not options.progress,
+        total=total, desc=desc, unit="video", disable=not (options.progress and total),
         smoothing=0.1,
     )  # fmt: skip
 
     with UnitLeases(store.lease_dir, options.lease_timeout) as leases:
+        claims = _Claims(store, ledger, leases, summary, blame, bar, pending)
 
-        def claimed_rows() -> Iterator[VideoRow]:
-            for job in _claim(units, store, ledger, leases, summary, blame, bar, pending):
+        def claimed_rows(look: Iterator[_Job]) -> Iterator[VideoRow]:
+            for job in look:
                 jobs.append(job)
                 yield from (manifest.rows[r] for r in job.rows)
 
         # Shards are written by a background thread while the next unit computes; one write at
-        # a time, so at most two units' rows are held in memory.
+        # a time, so at most two units' rows are held in memory. The second look at held units
+        # waits for their holders, so it starts only once the first look's units are computed.
         with (
             DecoderPool(stage.loader, options.workers, options.video_timeout) as decoders,
             ThreadPoolExecutor(1, thread_name_prefix="tats-writer") as writer,
         ):
-            stream = decoders.map(claimed_rows())
             writing: Future | None = None
-            while (first := next(stream, None)) is not None:
-                job = jobs.popleft()
-                loaded = chain([first], islice(stream, len(job.rows) - 1))
-                buffers, record = _run_unit(stage, store, job, loaded, leases, bar)
-                if writing is not None:
-                    _count(summary, *writing.result())
-                writing = writer.submit(_commit, store, ledger, leases, job, buffers, record)
+            for look in (claims.first_look(units), claims.second_look()):
+                stream = decoders.map(claimed_rows(look))
+                while (first := next(stream, None)) is not None:
+                    job = jobs.popleft()
+                    loaded = chain([first], islice(stream, len(job.rows) - 1))
+                    buffers, record = _run_unit(stage, store, job, loaded, leases, bar)
+                    if writing is not None:
+                        _count(summary, *writing.result())
+                    writing = writer.submit(_commit, store, ledger, leases, job, buffers, record)
             if writing is not None:
                 _count(summary, *writing.result())
     bar.close()
@@ -175,49 +181,81 @@ def _count(summary: RunSummary, job: _Job, record: UnitRecord | None) -> None:
     summary.failures += record.failed
 
 
-def _claim(
-    units: Sequence[int],
-    store: RowStore,
-    ledger: Ledger,
-    leases: UnitLeases,
-    summary: RunSummary,
-    blame: Blame,
-    bar: tqdm,
-    pending: dict[int, int],
-) -> Iterator[_Job]:
-    """Claim the unfinished units in order. A unit that a live worker holds is looked at once
-    more after the others (its holder may have died meanwhile), then left to its holder."""
-    shards = store.shards()
+@dataclass
+class _Claims:
+    """Claims a run's units. The first look claims the unfinished units in order and passes
+    over those another worker holds; the second look waits on those until each holder shows
+    it lives (a heartbeat: the unit is left to it), finishes the unit, or is found dead (the
+    unit is taken over). Without the wait, a task resubmitted while its killed predecessor's
+    lease is still fresh would end "done" with that unit never computed."""
 
-    def claim(unit: int) -> _Job | bool:
-        """The claimed unit's job; True if it is finished, False if another worker holds it."""
-        if _finished(ledger.read(unit)):
-            return True
-        if not leases.claim(unit):
-            return False
-        record = ledger.read(unit)  # the previous holder may have finished it meanwhile
-        if _finished(record):
-            leases.release(unit)
-            return True
-        rows = list(shards[unit]) if record is None else [f.row for f in record.failed]
-        return _Job(unit, rows, record, blame)
+    store: RowStore
+    ledger: Ledger
+    leases: UnitLeases
+    summary: RunSummary
+    blame: Blame
+    bar: tqdm
+    pending: dict[int, int]
+    held: list[int] = field(default_factory=list)
 
-    held = []
-    for second_look, todo in ((False, units), (True, held)):
-        for unit in todo:
-            job = claim(unit)
+    def first_look(self, units: Sequence[int]) -> Iterator[_Job]:
+        for unit in units:
+            job = self._claim(unit)
             if isinstance(job, _Job):
                 yield job
-                continue
-            if job:
-                summary.units_skipped += 1
-            elif not second_look:
-                held.append(unit)
-                continue
+            elif job:
+                self._settle(unit, finished=True)
             else:
-                summary.units_elsewhere.append(f"unit {unit} ({leases.holder_of(unit)})")
-            bar.total -= pending[unit]  # counted at the start, not done here
-            bar.refresh()
+                self.held.append(unit)
+
+    def second_look(self) -> Iterator[_Job]:
+        # All held units at once: the heartbeat each lease had when first seen here; a later
+        # one shows that its holder lives.
+        seen = {unit: read_lease(self.leases.path(unit)) for unit in self.held}
+        step = max(0.05, min(2.0, self.leases.timeout / 60))
+        while seen:
+            for unit in list(seen):
+                job = self._claim(unit)
+                if job is False:
+                    now, first = read_lease(self.leases.path(unit)), seen[unit]
+                    if first is None:
+                        seen[unit] = now
+                    elif now is not None and (
+                        now.holder != first.holder or now.heartbeat > first.heartbeat
+                    ):
+                        del seen[unit]
+                        self._settle(unit, finished=False)
+                    continue
+                del seen[unit]
+                if isinstance(job, _Job):
+                    yield job
+                else:
+                    self._settle(unit, finished=True)
+            if seen:
+                time.sleep(step)
+
+    def _claim(self, unit: int) -> _Job | bool:
+        """The claimed unit's job; True if it is finished, False if another worker holds it."""
+        if _finished(self.ledger.read(unit)):
+            return True
+        if not self.leases.claim(unit):
+            return False
+        record = self.ledger.read(unit)  # the previous holder may have finished it meanwhile
+        if _finished(record):
+            self.leases.release(unit)
+            return True
+        shard = self.store.shards()[unit]
+        rows = list(shard) if record is None else [f.row for f in record.failed]
+        return _Job(unit, rows, record, self.blame)
+
+    def _settle(self, unit: int, finished: bool) -> None:
+        """Count a unit this process does not compute: finished, or left to a live holder."""
+        if finished:
+            self.summary.units_skipped += 1
+        else:
+            self.summary.units_elsewhere.append(f"unit {unit} ({self.leases.holder_of(unit)})")
+        self.bar.total -= self.pending[unit]  # counted at the start, not done here
+        self.bar.refresh()
 
 
 def _finished(record: UnitRecord | None) -> bool:
@@ -264,6 +302,8 @@ def _run_unit(
             if job.blame.record:
                 leases.progress(job.unit, [item.row.row for item in group], "compute")
             results += _compute(stage, group)
+            if job.blame.record:  # a death from here on is not these rows' doing
+                leases.progress(job.unit, None, "decode")
         for item, result in zip(good, results, strict=True):
             if isinstance(result, str):
                 failed.append(Failure(item.row.row, item.row.video_id, result))
@@ -310,6 +350,9 @@ def _commit(
     store.write_rows(shard, buffers)
     store.sync_rows(shard)
     record.seconds["write"] = round(time.perf_counter() - tic, 3)
+    if not leases.holds(job.unit):  # frozen during the write: the taker's record stands
+        leases.release(job.unit, lost=True)
+        return job, None
     ledger.write(record)
     leases.release(job.unit)
     return job, record
