@@ -81,7 +81,9 @@ def probe(path: str | Path, backend: str = "auto") -> VideoInfo:
 def timeline(
     info: VideoInfo, fps: float | None = 10.0, native_suffixes: Sequence[str] = (".webm",)
 ) -> np.ndarray:
-    """Native frame index of each frame on the track time base (REFERENCE.md section 1).
+    """Native frame index of each frame on the track time base, as the original TATs
+    extraction reads clips (`read_video` and `read_webm_video` in `point_tracking/vid_readers.py`
+    of pulkitkumar95/tats; it takes int(duration * fps) frames, where round() is used here).
 
     The clip is resampled to `fps`: T = round(duration * fps) frames spread evenly over
     [0, num_frames - 1]. With fps=None, or for a file whose suffix is in native_suffixes

@@ -1,4 +1,5 @@
-"""Query strategies, the redundancy filter and the subset, on constructed cases (REFERENCE.md 1)."""
+"""Query strategies, the redundancy filter and the subset, on constructed cases (the original:
+`point_tracking/extract_points.py` in pulkitkumar95/tats)."""
 
 import numpy as np
 import pytest

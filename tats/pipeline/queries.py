@@ -1,4 +1,6 @@
-"""Where tracks start and which of them are kept (REFERENCE.md section 1).
+"""Where tracks start and which of them are kept, as the original TATs extraction does
+(`point_tracking/extract_points.py` and `point_tracking/point_sampler.py` in
+pulkitkumar95/tats), with the subset seeded by the video id where the original's is unseeded.
 
 A strategy names the query frames on the track time base (T frames); at each query frame a
 G x G grid of points is tracked through the whole clip. Points from later query frames that

@@ -1,10 +1,11 @@
 """CoTracker3 point tracking with tats' own inference code and the official weights.
 
-The predictor conventions are the official ones (REFERENCE.md section 2): frames resized to
-the model resolution (384x512), queries scaled to it, 6 refinement iterations, visibility
-sigmoid(vis) > 0.9 (offline) or sigmoid(vis) * sigmoid(conf) > 0.6 (online), a 6x6 support
-grid at frame 0 added to explicit queries, and each track overwritten with its query point
-(marked visible) at its query frame. On top of that:
+The predictor conventions are the official ones (`cotracker/predictor.py` in
+facebookresearch/co-tracker): frames resized to the model resolution (384x512), queries
+scaled to it, 6 refinement iterations, visibility sigmoid(vis) > 0.9 (offline) or
+sigmoid(vis) * sigmoid(conf) > 0.6 (online), a 6x6 support grid at frame 0 added to explicit
+queries, and each track overwritten with its query point (marked visible) at its query frame.
+On top of that:
 
 - all query frames of a clip in one pass (`passes="joint"`, the default), or one pass per
   query frame as the original TATs extraction does (`passes="per_query_frame"`); the feature
