@@ -4,8 +4,12 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from stage_helpers import LK_CONFIG, arrays
 
+from tats.manifest import read_manifest
+from tats.pipeline.tracks import extract_tracks
 from tats.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +39,24 @@ def synth_small(tmp_path_factory) -> Path:
     """A small `tats synth` dataset: every motion class, 2 videos each, default video size."""
     out = tmp_path_factory.mktemp("synth_small")
     return generate(SynthConfig(videos_per_class=2), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tracks_dataset(tmp_path_factory) -> Path:
+    """The manifest of the stage tests' videos: 6 classes x 3 (read-only: copy to change)."""
+    out = tmp_path_factory.mktemp("tracks_dataset")
+    return generate(SynthConfig(classes=6, videos_per_class=3), out / "synth", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tracks_reference(tracks_dataset, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The arrays of one uninterrupted `LK_CONFIG` run of `tracks_dataset` (in this process,
+    decoding inline): what every interrupted, shared or resumed run must end with."""
+    out = tmp_path_factory.mktemp("tracks_reference") / "tracks.zarr"
+    manifest = read_manifest(tracks_dataset)
+    summary = extract_tracks(manifest, out, LK_CONFIG, workers=0, progress=False)
+    assert not summary.failures and summary.videos_done == 18
+    return arrays(out)
 
 
 @dataclass(frozen=True)

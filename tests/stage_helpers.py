@@ -10,9 +10,14 @@ import numpy as np
 
 from tats.manifest import VideoRow, read_manifest, write_manifest
 from tats.pipeline.leases import read_log
+from tats.pipeline.tracks import TracksConfig
 from tats.stores import RowStore
 
 EXTRACT = str(Path(sys.executable).parent / "tats-extract")
+# The tracks stage of the end-to-end tests: LK, small shards, so that a run has several units
+# to be killed between and in (`LK_OPTIONS` on the command line, `LK_CONFIG` in the library).
+LK_OPTIONS = ["--tracker", "lk", "--grid", "8", "--shard-size", "3", "--no-progress"]
+LK_CONFIG = TracksConfig(tracker="lk", grid=8, shard_size=3)
 
 
 def arrays(path) -> dict[str, np.ndarray]:

@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fault_stages import CountingRecipe, fake_videos
 from stage_helpers import (
     EXTRACT,
+    LK_OPTIONS,
     arrays,
     assert_each_unit_held_once_at_a_time,
     assert_same,
@@ -32,27 +32,7 @@ from tats.manifest import read_manifest
 from tats.pipeline.executors import extract
 from tats.pipeline.ledger import Ledger
 from tats.pipeline.status import store_status, verify_store
-from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.stores import tracks_fields
-from tats.synth import SynthConfig, generate
-
-OPTIONS = ["--tracker", "lk", "--grid", "8", "--shard-size", "3", "--no-progress"]
-CONFIG = TracksConfig(tracker="lk", grid=8, shard_size=3)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults")
-    return generate(SynthConfig(classes=6, videos_per_class=3), out / "synth", progress=False)
-
-
-@pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory) -> dict[str, np.ndarray]:
-    """The arrays of one uninterrupted run in this process."""
-    out = tmp_path_factory.mktemp("reference") / "tracks.zarr"
-    summary = extract_tracks(read_manifest(dataset), out, CONFIG, workers=0, progress=False)
-    assert not summary.failures and summary.videos_done == 18
-    return arrays(out)
 
 
 def _children(pid: int) -> set[int]:
@@ -81,14 +61,16 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-def test_two_workers_on_the_same_share_compute_each_unit_once(dataset, reference, tmp_path):
+def test_two_workers_on_the_same_share_compute_each_unit_once(
+    tracks_dataset, tracks_reference, tmp_path
+):
     out = tmp_path / "tracks.zarr"
     same = ["--shard-index", "0", "--num-shards", "1", "--workers", "1"]
-    runs = [start("tracks", dataset, out, *OPTIONS, *same) for _ in range(2)]
+    runs = [start("tracks", tracks_dataset, out, *LK_OPTIONS, *same) for _ in range(2)]
     for run in runs:
         code, _, stderr = finish(run)
         assert code == 0, stderr
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
     held = assert_each_unit_held_once_at_a_time(out)
     assert sorted(held) == list(range(6)) and all(len(spans) == 1 for spans in held.values())
     assert all(json.loads(text)["attempt"] == 1 for text in records(out).values())
@@ -115,7 +97,7 @@ app()
 
 
 def test_a_kill_inside_a_shard_write_resumes_to_the_uninterrupted_result(
-    dataset, reference, tmp_path
+    tracks_dataset, tracks_reference, tmp_path
 ):
     out, marker = tmp_path / "tracks.zarr", tmp_path / "paused"
     per_shard = len(tracks_fields(8, 10, 256))  # array writes per shard
@@ -124,8 +106,8 @@ def test_a_kill_inside_a_shard_write_resumes_to_the_uninterrupted_result(
     for kill in range(2):
         env = {**os.environ, "PAUSE_AFTER": str(per_shard + 3), "PAUSE_MARKER": str(marker)}
         run = subprocess.Popen(
-            [sys.executable, "-c", PAUSE_IN_WRITE, "tracks", "--manifest", str(dataset),
-             "--out", str(out), *OPTIONS, "--workers", "1"],
+            [sys.executable, "-c", PAUSE_IN_WRITE, "tracks", "--manifest", str(tracks_dataset),
+             "--out", str(out), *LK_OPTIONS, "--workers", "1"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.time() + 120
@@ -140,17 +122,17 @@ def test_a_kill_inside_a_shard_write_resumes_to_the_uninterrupted_result(
         problems = verify_store(out, progress=False)
         assert problems and all("is not done" in p for p in problems), problems
         assert len(records(out)) == kill + 1
-    code, _, stderr = finish(start("tracks", dataset, out, *OPTIONS, "--workers", "1"))
+    code, _, stderr = finish(start("tracks", tracks_dataset, out, *LK_OPTIONS, "--workers", "1"))
     assert code == 0, stderr
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
     assert verify_store(out, progress=False) == []
     held = assert_each_unit_held_once_at_a_time(out)
     assert any(len(spans) > 1 for spans in held.values()), "no lease of a killed run was taken"
 
 
-def test_debris_of_killed_writers_is_removed(dataset, reference, tmp_path):
+def test_debris_of_killed_writers_is_removed(tracks_dataset, tracks_reference, tmp_path):
     out = tmp_path / "tracks.zarr"
-    assert finish(start("tracks", dataset, out, *OPTIONS, "--workers", "0"))[0] == 0
+    assert finish(start("tracks", tracks_dataset, out, *LK_OPTIONS, "--workers", "0"))[0] == 0
     old = time.time() - 3600
     debris = [
         out / "positions" / "c" / "1" / "0" / "0" / "0.3f2a.partial",
@@ -164,22 +146,23 @@ def test_debris_of_killed_writers_is_removed(dataset, reference, tmp_path):
         path.write_bytes(b"half a shard")
     for path in debris:
         os.utime(path, (old, old))
-    code, stdout, stderr = finish(start("tracks", dataset, out, *OPTIONS, "--workers", "0"))
+    run = start("tracks", tracks_dataset, out, *LK_OPTIONS, "--workers", "0")
+    code, stdout, stderr = finish(run)
     assert code == 0, stderr
     assert "6 units already done" in stdout
     assert not any(path.exists() for path in debris) and fresh.exists()
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
 
 
 FULL_DISK = """
 set -u
 mount -t tmpfs -o size=160k tmpfs "$DISK" || exit 90
-"$EXTRACT" tracks --manifest "$MANIFEST" --out "$DISK/tracks.zarr" $OPTIONS --workers 0 \
+"$EXTRACT" tracks --manifest "$MANIFEST" --out "$DISK/tracks.zarr" $LK_OPTIONS --workers 0 \
     > "$LOGS/first.out" 2> "$LOGS/first.err"
 echo $? > "$LOGS/first.code"
 cp -r "$DISK/tracks.zarr/ledger" "$LOGS/ledger-after-first"
 mount -o remount,size=64m "$DISK"
-"$EXTRACT" tracks --manifest "$MANIFEST" --out "$DISK/tracks.zarr" $OPTIONS --workers 0 \
+"$EXTRACT" tracks --manifest "$MANIFEST" --out "$DISK/tracks.zarr" $LK_OPTIONS --workers 0 \
     > "$LOGS/second.out" 2> "$LOGS/second.err"
 echo $? > "$LOGS/second.code"
 "$EXTRACT" verify "$DISK/tracks.zarr" --no-progress > "$LOGS/verify.out" 2>&1
@@ -188,14 +171,14 @@ cp -r "$DISK/tracks.zarr" "$LOGS/store"
 """
 
 
-def test_a_full_disk_stops_with_one_line_and_resumes(dataset, reference, tmp_path):
+def test_a_full_disk_stops_with_one_line_and_resumes(tracks_dataset, tracks_reference, tmp_path):
     if shutil.which("unshare") is None:
         pytest.skip("no unshare: cannot mount a small file system for the test")
     disk, logs = tmp_path / "disk", tmp_path / "logs"
     disk.mkdir()
     logs.mkdir()
     env = {**os.environ, "DISK": str(disk), "LOGS": str(logs), "EXTRACT": EXTRACT,
-           "MANIFEST": str(dataset), "OPTIONS": " ".join(OPTIONS)}  # fmt: skip
+           "MANIFEST": str(tracks_dataset), "LK_OPTIONS": " ".join(LK_OPTIONS)}  # fmt: skip
     # A private mount namespace: a real tmpfs of 160 KiB, without touching the machine's.
     run = subprocess.run(
         ["unshare", "--mount", "--map-root-user", "sh", "-c", FULL_DISK],
@@ -216,36 +199,36 @@ def test_a_full_disk_stops_with_one_line_and_resumes(dataset, reference, tmp_pat
     assert all(final[name] == text for name, text in kept.items())
     assert (logs / "second.code").read_text().strip() == "0", (logs / "second.err").read_text()
     assert (logs / "verify.code").read_text().strip() == "0", (logs / "verify.out").read_text()
-    assert_same(arrays(logs / "store"), reference)
+    assert_same(arrays(logs / "store"), tracks_reference)
 
 
-def test_a_replaced_video_is_refused_on_resume(dataset, tmp_path):
-    rows = read_manifest(dataset).rows[:6]
+def test_a_replaced_video_is_refused_on_resume(tracks_dataset, tmp_path):
+    rows = read_manifest(tracks_dataset).rows[:6]
     videos = tmp_path / "videos"
-    shutil.copytree(dataset.parent / "videos", videos)
+    shutil.copytree(tracks_dataset.parent / "videos", videos)
     manifest = tmp_path / "m.csv"
     manifest.write_text(
         "video_id,path,label,split\n"
         + "".join(f"{r.video_id},videos/{r.path.name},{r.label},{r.split}\n" for r in rows)
     )
     out = tmp_path / "tracks.zarr"
-    assert finish(start("tracks", manifest, out, *OPTIONS, "--workers", "0"))[0] == 0
+    assert finish(start("tracks", manifest, out, *LK_OPTIONS, "--workers", "0"))[0] == 0
     before = records(out)
     # Copying the dataset (new times, same bytes) still resumes.
     os.utime(videos / rows[1].path.name, (0, 0))
-    assert finish(start("tracks", manifest, out, *OPTIONS, "--workers", "0"))[0] == 0
+    assert finish(start("tracks", manifest, out, *LK_OPTIONS, "--workers", "0"))[0] == 0
     # A video replaced by another at the same path is refused, by name, and nothing changes.
     shutil.copy(rows[5].path, videos / rows[4].path.name)
-    code, _, stderr = finish(start("tracks", manifest, out, *OPTIONS, "--workers", "0"))
+    code, _, stderr = finish(start("tracks", manifest, out, *LK_OPTIONS, "--workers", "0"))
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1
     assert f"row 4 ({rows[4].video_id}" in stderr and "videos changed" in stderr
     assert records(out) == before
 
 
-def test_decoders_do_not_outlive_a_killed_run(dataset, tmp_path):
+def test_decoders_do_not_outlive_a_killed_run(tracks_dataset, tmp_path):
     run = start(
-        "tracks", dataset, tmp_path / "tracks.zarr", "--tracker", "lk", "--grid", "16",
+        "tracks", tracks_dataset, tmp_path / "tracks.zarr", "--tracker", "lk", "--grid", "16",
         "--shard-size", "3", "--no-progress", "--workers", "2",
     )  # fmt: skip
     deadline = time.time() + 120
@@ -261,10 +244,12 @@ def test_decoders_do_not_outlive_a_killed_run(dataset, tmp_path):
     assert not _alive(decoders), "decoding processes outlived their killed parent"
 
 
-def test_sigterm_finishes_the_write_and_releases_the_leases(dataset, reference, tmp_path):
+def test_sigterm_finishes_the_write_and_releases_the_leases(
+    tracks_dataset, tracks_reference, tmp_path
+):
     out = tmp_path / "tracks.zarr"
     options = ["--tracker", "lk", "--grid", "16", "--shard-size", "3", "--no-progress"]
-    run = start("tracks", dataset, out, *options, "--workers", "1")
+    run = start("tracks", tracks_dataset, out, *options, "--workers", "1")
     deadline = time.time() + 120
     while not list((out / "leases").glob("unit-*.lease")):
         assert run.poll() is None and time.time() < deadline
@@ -277,10 +262,13 @@ def test_sigterm_finishes_the_write_and_releases_the_leases(dataset, reference, 
     assert not [p for p in verify_store(out, progress=False) if "differs" in p]
 
 
-def test_a_dask_worker_killed_mid_unit_is_retried_elsewhere(dataset, reference, tmp_path):
+def test_a_dask_worker_killed_mid_unit_is_retried_elsewhere(
+    tracks_dataset, tracks_reference, tmp_path
+):
     out = tmp_path / "tracks.zarr"
     options = ["--tracker", "lk", "--grid", "16", "--shard-size", "3", "--no-progress"]
-    run = start("tracks", dataset, out, *options, "--executor", "dask", "--scheduler", "local:2")
+    dask = ["--executor", "dask", "--scheduler", "local:2"]
+    run = start("tracks", tracks_dataset, out, *options, *dask)
     deadline, killed = time.time() + 180, None
     while killed is None:
         assert run.poll() is None, run.communicate()
@@ -329,15 +317,15 @@ def _squeue(job: str) -> str:
 
 
 @pytest.mark.skipif(not _slurm_is_up(), reason="no Slurm here (.ci/slurm-up starts one)")
-def test_a_cancelled_array_task_resubmitted_alone_finishes_the_store(dataset, tmp_path):
+def test_a_cancelled_array_task_resubmitted_alone_finishes_the_store(tracks_dataset, tmp_path):
     options = ["--tracker", "lk", "--grid", "16", "--shard-size", "2", "--no-progress"]
     whole = tmp_path / "whole.zarr"
-    assert finish(start("tracks", dataset, whole, *options, "--workers", "0"))[0] == 0
+    assert finish(start("tracks", tracks_dataset, whole, *options, "--workers", "0"))[0] == 0
     out, script, logs = tmp_path / "tracks.zarr", tmp_path / "tracks.sbatch", tmp_path / "logs"
     submit = subprocess.run(
         [EXTRACT, "sbatch", "tracks", "--tasks", "3", "--cpus-per-task", "1",
          "--script", str(script), "--logs", str(logs), "--submit", "--",
-         "--manifest", str(dataset), "--out", str(out), *options, "--workers", "0"],
+         "--manifest", str(tracks_dataset), "--out", str(out), *options, "--workers", "0"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stderr

@@ -2,12 +2,12 @@
 
 import os
 import subprocess
-from pathlib import Path
 
-import numpy as np
 import pytest
 from stage_helpers import (
     EXTRACT,
+    LK_CONFIG,
+    LK_OPTIONS,
     arrays,
     assert_each_unit_held_once_at_a_time,
     assert_same,
@@ -22,44 +22,24 @@ from stage_helpers import (
 from tats.manifest import read_manifest
 from tats.pipeline.leases import read_log
 from tats.pipeline.status import store_status, verify_store
-from tats.pipeline.tracks import TracksConfig, extract_tracks
-from tats.synth import SynthConfig, generate
-
-# Small shards so that a run has several units to be killed between and in.
-OPTIONS = ["--tracker", "lk", "--grid", "8", "--shard-size", "3", "--no-progress"]
-CONFIG = TracksConfig(tracker="lk", grid=8, shard_size=3)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tracks_stage")
-    return generate(SynthConfig(classes=6, videos_per_class=3), out / "synth", progress=False)
-
-
-@pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory) -> dict[str, np.ndarray]:
-    """The arrays of one uninterrupted run (in this process, decoding inline)."""
-    out = tmp_path_factory.mktemp("reference") / "tracks.zarr"
-    summary = extract_tracks(read_manifest(dataset), out, CONFIG, workers=0, progress=False)
-    assert not summary.failures and summary.videos_done == 18
-    return arrays(out)
+from tats.pipeline.tracks import extract_tracks
 
 
 def _extract(manifest, out, *extra, **kwargs):
-    return start("tracks", manifest, out, *OPTIONS, *extra, **kwargs)
+    return start("tracks", manifest, out, *LK_OPTIONS, *extra, **kwargs)
 
 
-def test_killed_runs_resume_to_the_uninterrupted_result(dataset, tmp_path):
+def test_killed_runs_resume_to_the_uninterrupted_result(tracks_dataset, tmp_path):
     # The paper's 16 x 16 grids: enough work per video for kills to land mid-run.
     options = ["--tracker", "lk", "--grid", "16", "--shard-size", "3", "--no-progress"]
     options += ["--workers", "1"]
     whole = tmp_path / "whole.zarr"
-    duration = run_timed("tracks", dataset, whole, options)
+    duration = run_timed("tracks", tracks_dataset, whole, options)
     out = tmp_path / "tracks.zarr"
-    kills = kill_repeatedly("tracks", dataset, out, options, duration, seed=7)
+    kills = kill_repeatedly("tracks", tracks_dataset, out, options, duration, seed=7)
     assert kills >= 3, "the runs finished too fast to be killed several times"
     before = records(out)
-    code, _, stderr = finish(start("tracks", dataset, out, *options))
+    code, _, stderr = finish(start("tracks", tracks_dataset, out, *options))
     assert code == 0, stderr
     after = records(out)
     assert all(after[name] == text for name, text in before.items()), "a unit was redone"
@@ -68,34 +48,40 @@ def test_killed_runs_resume_to_the_uninterrupted_result(dataset, tmp_path):
     assert store_status(out).complete
 
 
-def test_three_shares_started_at_once_build_the_same_store(dataset, reference, tmp_path):
+def test_three_shares_started_at_once_build_the_same_store(
+    tracks_dataset, tracks_reference, tmp_path
+):
     out = tmp_path / "tracks.zarr"
     runs = [
-        _extract(dataset, out, "--shard-index", str(i), "--num-shards", "3", "--workers", "0")
+        _extract(tracks_dataset, out, "--shard-index", str(i), "--num-shards", "3",
+                 "--workers", "0")  # fmt: skip
         for i in range(3)
     ]
     for run in runs:
         code, _, stderr = finish(run)
         assert code == 0, stderr
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
     assert verify_store(out, progress=False) == []
     # Every unit computed once, by one process at a time.
     held = assert_each_unit_held_once_at_a_time(out)
     assert all(len(spans) == 1 for spans in held.values()) and len(held) == 6
 
 
-def test_a_slurm_task_id_alone_picks_its_share_of_the_fixed_count(dataset, reference, tmp_path):
+def test_a_slurm_task_id_alone_picks_its_share_of_the_fixed_count(
+    tracks_dataset, tracks_reference, tmp_path
+):
     out = tmp_path / "tracks.zarr"
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2"}  # resubmitted alone: --array=2
-    code, _, stderr = finish(_extract(dataset, out, "--workers", "0", "--num-shards", "3", env=env))
+    run = _extract(tracks_dataset, out, "--workers", "0", "--num-shards", "3", env=env)
+    code, _, stderr = finish(run)
     assert code == 0, stderr
     claims = [e["unit"] for e in read_log(out / "leases") if e["event"] == "claim"]
     assert claims == [4, 5, 1, 0, 3, 2]  # its share, then the others' from their ends
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
 
 
-def test_corrupt_and_missing_videos_fail_alone(dataset, reference, tmp_path):
-    manifest = break_two_videos(dataset, tmp_path, corrupt_row=4, missing_row=9)
+def test_corrupt_and_missing_videos_fail_alone(tracks_dataset, tracks_reference, tmp_path):
+    manifest = break_two_videos(tracks_dataset, tmp_path, corrupt_row=4, missing_row=9)
     out = tmp_path / "tracks.zarr"
     code, _, stderr = finish(_extract(manifest, out, "--workers", "1"))
     assert code == 1, stderr
@@ -106,11 +92,11 @@ def test_corrupt_and_missing_videos_fail_alone(dataset, reference, tmp_path):
     assert "corrupt.mp4" in status.stdout and "gone.mp4" in status.stdout
     assert verify_store(out, progress=False) == []
     good = [r for r in range(18) if r not in (4, 9)]
-    assert_same(arrays(out), reference, rows=good)
+    assert_same(arrays(out), tracks_reference, rows=good)
     assert (arrays(out)["num_frames"][[4, 9]] == 0).all()
     # Once the files are repaired, a rerun retries the two failed rows and only them.
     done_before = records(out)
-    originals = read_manifest(dataset).rows
+    originals = read_manifest(tracks_dataset).rows
     (tmp_path / "corrupt.mp4").write_bytes(originals[4].path.read_bytes())
     (tmp_path / "gone.mp4").write_bytes(originals[9].path.read_bytes())
     code, stdout, stderr = finish(_extract(manifest, out, "--workers", "0"))
@@ -119,18 +105,18 @@ def test_corrupt_and_missing_videos_fail_alone(dataset, reference, tmp_path):
     after = records(out)
     changed = sorted(n for n in after if after[n] != done_before[n])
     assert changed == ["unit-000001.json", "unit-000003.json"]
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
     assert verify_store(out, progress=False) == []
 
 
-def test_a_store_refuses_another_config(dataset, reference, tmp_path):
+def test_a_store_refuses_another_config(tracks_dataset, tracks_reference, tmp_path):
     out = tmp_path / "tracks.zarr"
-    assert finish(_extract(dataset, out, "--workers", "0"))[0] == 0
-    code, _, stderr = finish(_extract(dataset, out, "--workers", "0", "--frames", "6"))
+    assert finish(_extract(tracks_dataset, out, "--workers", "0"))[0] == 0
+    code, _, stderr = finish(_extract(tracks_dataset, out, "--workers", "0", "--frames", "6"))
     assert code == 2
     assert "config.frames: store has 8, this run has 6" in stderr
     assert len(stderr.strip().splitlines()) == 1
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
 
 
 def test_a_bad_manifest_stops_before_any_work(tmp_path):
@@ -143,23 +129,25 @@ def test_a_bad_manifest_stops_before_any_work(tmp_path):
     assert not out.exists()
 
 
-def test_a_dask_local_cluster_builds_the_same_store(dataset, reference, tmp_path):
+def test_a_dask_local_cluster_builds_the_same_store(tracks_dataset, tracks_reference, tmp_path):
     out = tmp_path / "tracks.zarr"
     summary = extract_tracks(
-        read_manifest(dataset), out, CONFIG, executor="dask", scheduler="local:2", progress=False
+        read_manifest(tracks_dataset), out, LK_CONFIG, executor="dask", scheduler="local:2",
+        progress=False,
     )
     assert summary.units == 6 and summary.videos_done == 18 and not summary.failures
-    assert_same(arrays(out), reference)
+    assert_same(arrays(out), tracks_reference)
     again = extract_tracks(
-        read_manifest(dataset), out, CONFIG, executor="dask", scheduler="local:2", progress=False
+        read_manifest(tracks_dataset), out, LK_CONFIG, executor="dask", scheduler="local:2",
+        progress=False,
     )
     assert again.units == 0 and again.units_skipped == 6
 
 
-def test_sbatch_checks_the_stage_options_first(dataset, tmp_path):
+def test_sbatch_checks_the_stage_options_first(tracks_dataset, tmp_path):
     run = subprocess.run(
         [EXTRACT, "sbatch", "tracks", "--tasks", "2", "--script", str(tmp_path / "s"), "--",
-         "--manifest", str(dataset), "--out", str(tmp_path / "o"), "--grid", "many"],
+         "--manifest", str(tracks_dataset), "--out", str(tmp_path / "o"), "--grid", "many"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 2 and "--grid" in run.stderr
@@ -167,7 +155,7 @@ def test_sbatch_checks_the_stage_options_first(dataset, tmp_path):
     for given in (["--shard-index=0"], ["--num-shards", "4"]):
         run = subprocess.run(
             [EXTRACT, "sbatch", "tracks", "--tasks", "2", "--script", str(tmp_path / "s"), "--",
-             "--manifest", str(dataset), "--out", str(tmp_path / "o"), *given],
+             "--manifest", str(tracks_dataset), "--out", str(tmp_path / "o"), *given],
             capture_output=True, text=True,
         )  # fmt: skip
         assert run.returncode == 2 and "the array task picks its share" in run.stderr
@@ -180,11 +168,11 @@ def test_sbatch_checks_the_stage_options_first(dataset, tmp_path):
      ("features", "no weights for backbone 'dinov2_vitb14'", "--backbone pixels needs no weights")],
 )  # fmt: skip
 def test_the_paper_defaults_without_weights_say_where_to_put_them(
-    dataset, tmp_path, stage, missing, weightless
+    tracks_dataset, tmp_path, stage, missing, weightless
 ):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
     out = tmp_path / f"{stage}.zarr"
-    code, _, stderr = finish(start(stage, dataset, out, "--no-progress", env=env))
+    code, _, stderr = finish(start(stage, tracks_dataset, out, "--no-progress", env=env))
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1
     assert missing in stderr and weightless in stderr
