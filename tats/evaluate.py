@@ -115,24 +115,6 @@ def load_model(state: dict, device: torch.device) -> TATsModel:
 # Episodes
 
 
-def evaluate_episodes(
-    model: TATsModel,
-    data: EpisodeData,
-    classes: SplitClasses,
-    spec: EpisodeSpec,
-    options: ReadOptions,
-    episodes: int,
-    seed: int,
-    rt: Runtime,
-    embed_once: bool | None = None,
-) -> EvalResult:
-    """Accuracy over `episodes` episodes of a split (see `episode_predictions`)."""
-    predictions = episode_predictions(
-        model, data, classes, spec, options, episodes, seed, rt, embed_once
-    )
-    return eval_result(classes, spec, predictions)
-
-
 @torch.no_grad()
 def episode_predictions(
     model: TATsModel,
@@ -146,7 +128,8 @@ def episode_predictions(
     embed_once: bool | None = None,
     batch_clips: int = EVAL_BATCH,
 ) -> EpisodePredictions:
-    """The predictions of episodes 0..episodes-1 of a split, on every rank.
+    """The predictions of episodes 0..episodes-1 of a split, on every rank (`eval_result`
+    scores them).
 
     embed_once: embed every clip once, then match each episode (default where `options` allow
     it); False embeds the clips of each episode together, episodes shared out by index
@@ -350,7 +333,10 @@ def evaluate(
     spec = EpisodeSpec(way or saved["way"], shot or saved["shot"], queries or saved["test_queries"])
     classes = data.classes(split, spec.per_class, spec.way)
     options = evaluation_options(saved)
-    result = evaluate_episodes(model, data, classes, spec, options, episodes, seed, rt, embed_once)
+    predictions = episode_predictions(
+        model, data, classes, spec, options, episodes, seed, rt, embed_once
+    )
+    result = eval_result(classes, spec, predictions)
     if out is not None and rt.main:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ from tats.episodes import (
 from tats.evaluate import (
     EvalResult,
     check_model_fits,
-    evaluate_episodes,
+    episode_predictions,
+    eval_result,
     evaluation_options,
     write_json,
 )
@@ -400,9 +401,9 @@ def train(config: TrainConfig) -> RunResult:
                               writer)  # fmt: skip
         record |= {"val_accuracy": None, "val_ci95": None}
         if val_classes is not None:
-            val = evaluate_episodes(
+            val = eval_result(val_classes, val_spec, episode_predictions(
                 model, data, val_classes, val_spec, eval_options, cfg.val_episodes, cfg.seed, rt
-            )
+            ))  # fmt: skip
             record |= {"val_accuracy": val.accuracy, "val_ci95": val.ci95}
         history.append(record)
         improved = val_classes is None or record["val_accuracy"] > best_val
@@ -441,9 +442,9 @@ def train(config: TrainConfig) -> RunResult:
     rt.barrier()  # best.pt is written
     if test_classes is not None:
         model.load_state_dict(load_checkpoint(best_path)["model"])
-        test = evaluate_episodes(
+        test = eval_result(test_classes, test_spec, episode_predictions(
             model, data, test_classes, test_spec, eval_options, cfg.test_episodes, cfg.seed, rt
-        )
+        ))  # fmt: skip
         rt.log(
             f"test ({best_path.name}, epoch {best_epoch}): {test.accuracy:.2f} +- "
             f"{test.ci95:.2f}% over {test.episodes} {test.way}-way {test.shot}-shot episodes"

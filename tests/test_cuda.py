@@ -9,7 +9,6 @@ real sizes; the tolerances below were set from bf16 against fp32 on the CPU (sta
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import torch
 from stage_helpers import arrays
 from test_backbones import official_state_dict, random_vit
 from test_cotracker3 import random_state, synth_clip
-from test_train import SMALL, config, stores_options
+from test_train import SMALL, config, kill_mid_epoch_2, stores_options
 
 from tats.checkpoints import load_checkpoint
 from tats.manifest import read_manifest
@@ -215,18 +214,7 @@ def test_resume_after_a_kill_on_cuda_reaches_the_uninterrupted_run(synth_stores,
     killed = tmp_path / "killed"
     config_file = tmp_path / "run.json"
     config_file.write_text(json.dumps({**SMALL, **options, **stores_options(synth_stores, killed)}))
-    proc = subprocess.Popen(
-        [*TATS_TRAIN, "--config", str(config_file)], stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("epoch 2/3 step 4/10"):  # mid-epoch 2, after epoch 1's checkpoint
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(lines)
+    kill_mid_epoch_2(TATS_TRAIN, config_file)
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] == 1
     resumed = train(config(synth_stores, killed, resume=True, **options))
 

@@ -9,13 +9,7 @@ from tats.evaluate import episode_predictions, eval_result, share_classes
 from tats.model import ModelConfig, TATsModel
 from tats.runtime import Runtime
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

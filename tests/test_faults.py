@@ -24,6 +24,7 @@ from stage_helpers import (
     assert_each_unit_held_once_at_a_time,
     assert_same,
     finish,
+    live_children,
     records,
     start,
 )
@@ -33,20 +34,6 @@ from tats.pipeline.executors import extract
 from tats.pipeline.ledger import Ledger
 from tats.pipeline.status import store_status, verify_store
 from tats.stores import tracks_fields
-
-
-def _children(pid: int) -> set[int]:
-    """Live child processes of `pid` (Linux /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(entry.name))
-    return found
 
 
 def _alive(pids: set[int]) -> set[int]:
@@ -232,7 +219,7 @@ def test_decoders_do_not_outlive_a_killed_run(tracks_dataset, tmp_path):
         "--shard-size", "3", "--no-progress", "--workers", "2",
     )  # fmt: skip
     deadline = time.time() + 120
-    while len(decoders := _children(run.pid)) < 2:
+    while len(decoders := live_children(run.pid)) < 2:
         assert run.poll() is None, run.communicate()
         assert time.time() < deadline, "the decoders never started"
         time.sleep(0.05)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from tats.checkpoints import load_checkpoint, save_checkpoint
 from tats.cli import app
 from tats.episodes import EpisodeData, EpisodeSpec, SplitClasses
-from tats.evaluate import evaluate_episodes, evaluation_options, load_model
+from tats.evaluate import episode_predictions, eval_result, evaluation_options, load_model
 from tats.manifest import read_manifest, write_manifest
 from tats.pipeline.backbones import Preprocess
 from tats.pipeline.features import FeaturesConfig, extract_features
@@ -32,12 +32,7 @@ TRAIN = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +173,10 @@ def test_predict_agrees_with_the_model_and_with_episode_evaluation(
         tuple(np.array([v.row for v in held_out[c]]) for c in classes), np.arange(5),
     )  # fmt: skip
     rt = Runtime.setup("cpu", "off", workers=0, prefetch=2)
-    episodes = evaluate_episodes(
-        model, data, split_classes, EpisodeSpec(5, shot, 1), reader.options, 300, 0, rt
-    )
+    spec = EpisodeSpec(5, shot, 1)
+    episodes = eval_result(split_classes, spec, episode_predictions(
+        model, data, split_classes, spec, reader.options, 300, 0, rt
+    ))  # fmt: skip
     # The two intervals overlap.
     e_low, e_high = episodes.accuracy - episodes.ci95, episodes.accuracy + episodes.ci95
     assert max(low, e_low) <= min(high, e_high)

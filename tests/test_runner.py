@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fault_stages import CountingRecipe, CountingStage, fake_videos
+from stage_helpers import live_children
 
 from tats.pipeline.leases import LeaseHolder, UnitLeases, read_log
 from tats.pipeline.ledger import Ledger
@@ -27,20 +28,6 @@ def _store(tmp_path: Path, ids: list[str], shard_size: int = 3):
 
 def _done_rows(store) -> list[int]:
     return sorted(r for rec in Ledger(store.ledger_dir).records().values() for r in rec.done)
-
-
-def _children() -> set[int]:
-    """Live child processes of this process (Linux /proc)."""
-    me, found = os.getpid(), set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == me and stat[0] != "Z":
-                found.add(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -64,7 +51,8 @@ def test_a_failing_loader_or_compute_costs_only_its_video(tmp_path, workers):
 
 def test_a_hanging_video_times_out_and_the_rest_finish(tmp_path):
     manifest, store = _store(tmp_path, ["a", "b", "hang", "c", "d", "e", "f"])
-    before = _children()  # helpers of earlier tests (a resource tracker, say) are not ours
+    # Helpers of earlier tests (a resource tracker, say) are not ours.
+    before = live_children(os.getpid())
     tic = time.monotonic()
     options = RunOptions(workers=2, video_timeout=3, progress=False)
     summary = run_stage(CountingStage(), store, manifest, [0, 1, 2], options)
@@ -74,9 +62,9 @@ def test_a_hanging_video_times_out_and_the_rest_finish(tmp_path):
     ]
     assert _done_rows(store) == [0, 1, 3, 4, 5, 6]
     deadline = time.monotonic() + 5  # the killed process may take a moment to go
-    while _children() - before and time.monotonic() < deadline:
+    while live_children(os.getpid()) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _children() - before, "a decoding process outlived the run"
+    assert not live_children(os.getpid()) - before, "a decoding process outlived the run"
 
 
 def test_a_video_that_crashes_its_decoder_twice_is_failed_alone(tmp_path):

@@ -38,12 +38,24 @@ SMALL = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def kill_mid_epoch_2(command: list[str], config_file: Path, env: dict | None = None) -> None:
+    """Run `command --config config_file` (a 3-epoch run of 10 episodes, logging every 2) and
+    SIGKILL it mid-epoch 2, after epoch 1's checkpoint."""
+    proc = subprocess.Popen(
+        [*command, "--config", str(config_file)], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 2/3 step 4/10"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)
 
 
 def stores_options(stores, out) -> dict:
@@ -228,18 +240,7 @@ def test_resume_after_kill_continues_to_the_same_weights(synth_stores, tmp_path)
     killed = tmp_path / "killed"
     config_file = tmp_path / "run.json"
     config_file.write_text(json.dumps({**SMALL, **options, **stores_options(synth_stores, killed)}))
-    proc = subprocess.Popen(
-        [TATS_TRAIN, "--config", str(config_file)], stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("epoch 2/3 step 4/10"):  # mid-epoch 2, after epoch 1's checkpoint
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(lines)
+    kill_mid_epoch_2([TATS_TRAIN], config_file, {**os.environ, "OMP_NUM_THREADS": "1"})
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] == 1
 
     cli = run_cli("--config", str(config_file))

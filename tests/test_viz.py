@@ -27,12 +27,7 @@ TINY = dict(way=3, shot=1, train_queries=2, episodes=6, epochs=1, val_episodes=0
             width=16, heads=2, lr=1e-3, warmup_epochs=0, lr_steps=[], workers=0)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def invoke(*args) -> tuple[int, str]:
