@@ -103,9 +103,11 @@ class Blame:
 
 @dataclass
 class _Job:
-    """A claimed unit: its rows to compute, and its record so far (None: never finished)."""
+    """A claimed unit: its shard's rows, those to compute, and its record so far (None: never
+    finished)."""
 
     unit: int
+    shard: range
     rows: list[int]
     record: UnitRecord | None
     blame: Blame
@@ -142,7 +144,7 @@ def run_stage(
     )  # fmt: skip
 
     with UnitLeases(store.lease_dir, options.lease_timeout) as leases:
-        claims = _Claims(store, ledger, leases, summary, blame, bar, pending)
+        claims = _Claims(shards, ledger, leases, summary, blame, bar, pending)
 
         def claimed_rows(look: Iterator[_Job]) -> Iterator[VideoRow]:
             for job in look:
@@ -189,7 +191,7 @@ class _Claims:
     unit is taken over). Without the wait, a task resubmitted while its killed predecessor's
     lease is still fresh would end "done" with that unit never computed."""
 
-    store: RowStore
+    shards: list[range]
     ledger: Ledger
     leases: UnitLeases
     summary: RunSummary
@@ -244,9 +246,9 @@ class _Claims:
         if _finished(record):
             self.leases.release(unit)
             return True
-        shard = self.store.shards()[unit]
+        shard = self.shards[unit]
         rows = list(shard) if record is None else [f.row for f in record.failed]
-        return _Job(unit, rows, record, self.blame)
+        return _Job(unit, shard, rows, record, self.blame)
 
     def _settle(self, unit: int, finished: bool) -> None:
         """Count a unit this process does not compute: finished, or left to a live holder."""
@@ -276,7 +278,7 @@ def _run_unit(
     bar: tqdm,
 ) -> tuple[dict[str, np.ndarray], UnitRecord]:
     """Compute a unit's rows into shard buffers; returns them and the unit's record."""
-    shard = store.shards()[job.unit]
+    shard = job.shard
     started = time.perf_counter()
     seconds = {"decode": 0.0, "compute": 0.0}
     record = job.record
@@ -346,7 +348,7 @@ def _commit(
     if job.blame.record:
         leases.progress(job.unit, None, "write")
     tic = time.perf_counter()
-    shard = store.shards()[job.unit]
+    shard = job.shard
     store.write_rows(shard, buffers)
     store.sync_rows(shard)
     record.seconds["write"] = round(time.perf_counter() - tic, 3)
