@@ -96,7 +96,23 @@ def test_manifest_videos_and_ground_truth_files(small_dataset):
         assert np.abs(rendered.astype(int) - np.stack(decoded)).mean() < 4
 
 
-def test_same_seed_same_bytes_and_subsets_agree(small_dataset, tmp_path):
+def _frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _same_video(a, b) -> bool:
+    """The same rendered video: identical ground truth, and decoded frames that differ at most
+    by the encoder's rounding (x264 rarely encodes the same frames into another stream here:
+    mean difference under half a level then)."""
+    truth = [_sha(ground_truth_path(v.parent.parent, v.stem)) for v in (a, b)]
+    if truth[0] != truth[1]:
+        return False
+    fa, fb = _frames(a).astype(np.int16), _frames(b).astype(np.int16)
+    return fa.shape == fb.shape and float(np.abs(fa - fb).mean()) < 1.0
+
+
+def test_same_seed_same_videos_and_subsets_agree(small_dataset, tmp_path):
     again = generate(SMALL, tmp_path / "again", progress=False)
     assert _sha(again) == _sha(small_dataset)
     fewer = generate(
@@ -106,10 +122,10 @@ def test_same_seed_same_bytes_and_subsets_agree(small_dataset, tmp_path):
         SynthConfig(**{**SMALL.__dict__, "seed": 4}), tmp_path / "seed4", progress=False
     )
     for row in read_manifest(small_dataset).rows:
-        assert _sha(again.parent / "videos" / row.path.name) == _sha(row.path)
-        assert _sha(other_seed.parent / "videos" / row.path.name) != _sha(row.path)
+        assert _same_video(again.parent / "videos" / row.path.name, row.path)
+        assert not _same_video(other_seed.parent / "videos" / row.path.name, row.path)
     for row in read_manifest(fewer).rows:  # a class's videos do not depend on the other classes
-        assert _sha(small_dataset.parent / "videos" / row.path.name) == _sha(row.path)
+        assert _same_video(small_dataset.parent / "videos" / row.path.name, row.path)
 
 
 def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:

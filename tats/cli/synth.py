@@ -37,7 +37,7 @@ def synth(
         str, typer.Option(help="Frame size in pixels: S for SxS, or WxH; even numbers >= 32.")
     ] = str(_DEFAULT.width),
     fps: Annotated[float, typer.Option(help="Frame rate written into the videos.")] = _DEFAULT.fps,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = _DEFAULT.seed,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same videos.")] = _DEFAULT.seed,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Render the synthetic motion dataset: videos that only motion tells apart.
