@@ -35,7 +35,7 @@ test: $(BIN)/tats
 lint: $(BIN)/tats
 	$(BIN)/ruff check tats tests benchmarks
 
-# The GPU check (README, "GPU check"): the CUDA tests and the GPU benchmarks in at most 8
+# The GPU check (docs/gpu-check.md): the CUDA tests and the GPU benchmarks in at most 8
 # minutes, into $(GPU_CHECK_OUT). It needs no .venv: on a GPU machine it runs with that
 # machine's python3 and the wheels `make wheels` fetched (benchmarks/wheels, carried along).
 GPU_CHECK_OUT ?= benchmarks/results/gpu-check

@@ -1,8 +1,8 @@
 """Stage one under the faults clusters produce: overlapping workers, kills inside shard writes,
 a full disk, replaced videos, lost Dask workers, crashing decoders, orphaned processes.
 
-Each test is a row of the README's fault table. Processes, stores, files, signals, Dask
-clusters and file systems are real; the only test doubles are the decoders of
+Each test is a row of the fault table in docs/clusters.md. Processes, stores, files, signals,
+Dask clusters and file systems are real; the only test doubles are the decoders of
 tests/fault_stages.py, which raise, hang or crash on chosen videos.
 """
 
