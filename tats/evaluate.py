@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tats import viz
 from tats.checkpoints import load_checkpoint
 from tats.episodes import EpisodeData, EpisodeKeys, EpisodeSpec, ReadOptions, SplitClasses
 from tats.fewshot import (
@@ -321,7 +320,8 @@ def evaluate(
     embed_once: bool | None = None,
 ) -> EvalResult:
     """Evaluate a checkpoint on `episodes` episodes of `split` (way, shot and queries default
-    to the checkpoint's); write metrics.json and confusion.png into `out` when given."""
+    to the checkpoint's); write metrics.json into `out` when given. The numbers only: whoever
+    wants the confusion matrix's picture draws it (`tats.viz.plot_confusion`)."""
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, not {episodes}")
     state = load_checkpoint(checkpoint)
@@ -344,7 +344,6 @@ def evaluate(
             "checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
             "config": saved, split: result.to_dict(),
         })  # fmt: skip
-        viz.plot_confusion(result.confusion, result.classes, out / "confusion.png")
     return result
 
 

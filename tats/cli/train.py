@@ -114,6 +114,7 @@ def main(
     """Train on the train split, select on val, evaluate on test; or --eval-only."""
     options = {k: v for k, v in locals().items() if k not in ("config", "eval_only", "checkpoint")}
     given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
+    from tats import viz
     from tats.evaluate import evaluate
     from tats.train import config_from_dict, read_config_file, train
 
@@ -137,6 +138,9 @@ def main(
                 workers=values.get("workers", 2), device=values.get("device", "auto"),
             )  # fmt: skip
             if _main_process():
+                viz.plot_confusion(
+                    result.confusion, result.classes, Path(values["out"]) / "confusion.png"
+                )
                 typer.echo(
                     f"test: {result.accuracy:.2f} +- {result.ci95:.2f}% over {result.episodes} "
                     f"{result.way}-way {result.shot}-shot episodes; wrote "
