@@ -220,11 +220,40 @@ def test_missing_weights_say_where_to_look(empty_caches):
     assert str(torch_home / "hub" / "checkpoints" / "dinov2_vitb14_reg4_pretrain.pth") in message
 
 
-def test_bad_weight_files_name_the_file(tmp_path):
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pth: cannot read weights"):
-        create_backbone("dinov2_vits14", weights=garbage)
+def test_bad_weight_files_name_the_file_and_the_problem(tmp_path):
+    """Each file that is not weights gets one line naming it and what it is instead."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.pth"
+    text.write_text("these are my notes\nnot weights\n")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(bytes([0x5F, 0x82, 0xC2, 0xD9]) + np.random.default_rng(0).bytes(996))
+    arrays = tmp_path / "arrays.pth"  # numpy arrays: pickled objects, refused weights-only
+    torch.save({"pos_embed": np.zeros((1, 5, 8), np.float32)}, arrays)
+    truncated = tmp_path / "truncated.pth"
+    torch.save(random_vit("vit_small_patch14_dinov2", 112, depth=1).state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    cases = {
+        folder: f"{folder}: is a folder, not a weights file",
+        empty: f"{empty}: empty file (0 bytes), not a weights file",
+        text: f"{text}: not a weights file: it holds text ('these are my notes not weights'), "
+        "neither a PyTorch file (torch.save) nor safetensors",
+        noise: f"{noise}: not a weights file: it starts with the bytes 5f 82 c2 d9",
+        arrays: f"{arrays}: torch.load(weights_only=True) refuses it: Unsupported global: "
+        "GLOBAL numpy",
+        truncated: f"{truncated}: damaged PyTorch file (",
+    }
+    for path, start in cases.items():
+        with pytest.raises(ValueError) as error:
+            create_backbone("dinov2_vits14", weights=path)
+        message = str(error.value)
+        assert message.startswith(start), message
+        assert "\n" not in message and len(message) < 400, message
+    # The refusal's useful part comes first, and how to make a file that loads.
+    with pytest.raises(ValueError, match=r"model.state_dict\(\)"):
+        create_backbone("dinov2_vits14", weights=arrays)
 
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(3)}, other)
@@ -233,10 +262,67 @@ def test_bad_weight_files_name_the_file(tmp_path):
 
     small = tmp_path / "small.pth"
     torch.save(random_vit("vit_small_patch14_dinov2", 224, depth=2).state_dict(), small)
-    with pytest.raises(ValueError, match="small.pth: weights do not fit backbone 'dinov2_vitb14'"):
+    with pytest.raises(ValueError) as error:
         create_backbone("dinov2_vitb14", weights=small, depth=2)
+    assert str(error.value) == (
+        f"{small}: weights do not fit backbone 'dinov2_vitb14' (width 768, 2 blocks, no "
+        "registers): they look like dinov2_vits14 (ViT-S/14, no registers, 2 blocks, timm format)"
+    )
     with pytest.raises(FileNotFoundError, match="absent.pth: weights file not found"):
         create_backbone("dinov2_vits14", weights=tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("layout", ["official", "timm"])
+def test_register_weights_given_to_a_plain_backbone_say_what_they_are(tmp_path, layout):
+    """dinov2_vits14_reg4_pretrain.pth (or timm's reg4 weights) for dinov2_vits14, and the
+    other way round: refused in one line naming the model the file looks like."""
+    reg = random_vit("vit_small_patch14_reg4_dinov2", 518, depth=2)
+    plain = random_vit("vit_small_patch14_dinov2", 518, depth=2)
+    pick = official_state_dict if layout == "official" else (lambda m: m.state_dict())
+    reg_file = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    plain_file = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(pick(reg), reg_file)
+    torch.save(pick(plain), plain_file)
+    with pytest.raises(ValueError) as error:
+        create_backbone("dinov2_vits14", weights=reg_file, depth=2)
+    assert str(error.value) == (
+        f"{reg_file}: weights do not fit backbone 'dinov2_vits14' (width 384, 2 blocks, no "
+        f"registers): they look like dinov2_vits14_reg (ViT-S/14, 4 registers, 2 blocks, "
+        f"{layout} format)"
+    )
+    with pytest.raises(ValueError) as error:
+        create_backbone("dinov2_vits14_reg", weights=plain_file, depth=2)
+    assert str(error.value) == (
+        f"{plain_file}: weights do not fit backbone 'dinov2_vits14_reg' (width 384, 2 blocks, 4 "
+        f"registers): they look like dinov2_vits14 (ViT-S/14, no registers, 2 blocks, "
+        f"{layout} format)"
+    )
+    # Each file fits its own backbone.
+    assert create_backbone("dinov2_vits14_reg", weights=reg_file, depth=2).dim == 384
+    assert create_backbone("dinov2_vits14", weights=plain_file, depth=2).dim == 384
+
+
+def test_register_weights_on_the_command_line_exit_2_with_one_line(tmp_path, synth_small):
+    """`tats-extract features --backbone dinov2_vits14 --weights <reg4 file>`: exit 2, one line,
+    before any video is read (timm's conversion crashed here: exit 4)."""
+    from typer.testing import CliRunner
+
+    from tats.cli.extract import app
+
+    reg_file = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(official_state_dict(random_vit("vit_small_patch14_reg4_dinov2", 518)), reg_file)
+    out = tmp_path / "features.zarr"
+    result = CliRunner().invoke(app, [
+        "features", "--manifest", str(synth_small), "--out", str(out), "--backbone",
+        "dinov2_vits14", "--weights", str(reg_file), "--workers", "0", "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"error: {reg_file}: weights do not fit backbone 'dinov2_vits14' (width 384, 12 blocks, "
+        f"no registers): they look like dinov2_vits14_reg (ViT-S/14, 4 registers, 12 blocks, "
+        f"official format)"
+    )
+    assert not out.exists()
 
 
 def test_frames_must_be_uint8_clips():

@@ -15,6 +15,7 @@ features equal those of the official hub models the original used.
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tats.pipeline.weights import file_sha256
+from tats.pipeline.weights import file_sha256, read_tensor_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,10 +86,13 @@ class Backbone(ABC):
         side = self.preprocess.size // self.patch_size
         return side, side
 
+    full_precision = False  # True: fp32 on CUDA too (Trokens' clustering backbone, semantic.py)
+
     @property
     def precision(self) -> str:
-        """The arithmetic of `forward`: bf16 autocast on CUDA, fp32 elsewhere."""
-        return "bf16" if self.device.type == "cuda" else "fp32"
+        """The arithmetic of `forward`: bf16 autocast on CUDA, fp32 elsewhere (and where
+        `full_precision`)."""
+        return "bf16" if self.device.type == "cuda" and not self.full_precision else "fp32"
 
     @property
     def identity(self) -> dict:
@@ -223,23 +227,58 @@ def _find_dinov2_weights(name: str) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch / safetensors raise many types for a bad file
-        raise ValueError(f"{path}: cannot read weights: {error}") from error
+    state = read_tensor_file(path, "weights")
+    if isinstance(state, dict) and state.get("format") == "tats.train.checkpoint":
+        raise ValueError(f"{path}: a tats-train checkpoint, not backbone weights")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
+    if not state:
+        raise ValueError(f"{path}: an empty state dict, no weights")
     return state
+
+
+@dataclass(frozen=True)
+class VitShape:
+    """What a ViT state dict says of its model: width, blocks, patch size, register tokens,
+    and whether it uses the official DINOv2 key names (else timm's)."""
+
+    width: int
+    depth: int
+    patch: int
+    registers: int
+    official: bool
+
+    @classmethod
+    def of(cls, state: dict[str, torch.Tensor]) -> VitShape | None:
+        """The shape of a ViT state dict; None where it is not one (no patch embedding)."""
+        proj = state.get("patch_embed.proj.weight")
+        if proj is None or proj.ndim != 4:
+            return None
+        registers = state.get("register_tokens", state.get("reg_token"))
+        blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+        return cls(
+            width=int(proj.shape[0]), depth=len(blocks), patch=int(proj.shape[-1]),
+            registers=0 if registers is None or registers.ndim != 3 else int(registers.shape[1]),
+            official="mask_token" in state or "register_tokens" in state,
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        """E.g. "dinov2_vits14_reg (ViT-S/14, 4 registers, 12 blocks, official format)"."""
+        size = VIT_SIZES.get(self.width)
+        registers = f"{self.registers} registers" if self.registers else "no registers"
+        layout = "official" if self.official else "timm"
+        what = f"{registers}, {self.depth} blocks, {layout} format"
+        if size is None or self.patch != 14 or self.registers not in (0, 4):
+            return f"a ViT of width {self.width}, patch {self.patch} ({what}), not a DINOv2 model"
+        name = f"dinov2_vit{size.lower()}14" + ("_reg" if self.registers else "")
+        offered = "" if name in DINOV2_MODELS else ", which tats does not offer"
+        return f"{name} (ViT-{size}/14, {what}){offered}"
+
+
+VIT_SIZES = {384: "S", 768: "B", 1024: "L", 1536: "g"}
 
 
 def resample_pos_embed_official(
@@ -296,6 +335,17 @@ class Dinov2Backbone(Backbone):
             num_classes=0,
             **model_kwargs,
         )
+        # Weights of another model fail inside timm's conversion below with errors that name
+        # neither the file nor the model: compare the shapes first.
+        found = VitShape.of(state)
+        wanted = (model.num_features, len(model.blocks), self.patch_size,
+                  model.num_reg_tokens)  # fmt: skip
+        if found is None or (found.width, found.depth, found.patch, found.registers) != wanted:
+            looks = "not a ViT" if found is None else f"they look like {found.describe()}"
+            raise ValueError(
+                f"{path}: weights do not fit backbone {name!r} (width {wanted[0]}, {wanted[1]} "
+                f"blocks, {wanted[3] or 'no'} registers): {looks}"
+            )
         state["pos_embed"] = resample_pos_embed_official(
             state["pos_embed"], model.patch_embed.grid_size, registers=stem.endswith("_reg4")
         )
