@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tats.manifest import VideoRow, read_manifest, write_manifest
-from tats.pipeline.leases import read_log
+from tats.pipeline.leases import read_lease, read_log
 from tats.pipeline.tracks import TracksConfig
 from tats.stores import RowStore
 
@@ -63,39 +63,65 @@ def finish(run: subprocess.Popen) -> tuple[int, str, str]:
     return run.returncode, stdout, stderr
 
 
-def run_timed(stage: str, manifest, out: Path, options: list[str]) -> float:
-    """Run the stage to the end; its wall time in seconds."""
-    tic = time.perf_counter()
-    code, _, stderr = finish(start(stage, manifest, out, *options))
-    assert code == 0, stderr
-    return time.perf_counter() - tic
-
-
 def kill_repeatedly(
-    stage: str, manifest, out: Path, options: list[str], duration: float, seed: int, kills: int = 5
+    stage: str, manifest, out: Path, options: list[str], seed: int, kills: int = 5
 ) -> int:
-    """Start the stage and SIGKILL it at random moments until `kills` kills or it finishes.
+    """Start the stage and SIGKILL it at seeded points of its progress until `kills` kills.
 
-    Kill moments are drawn within the first half of `duration`, the wall time of a whole
-    uninterrupted run (start-up included), so a run is killed at any stage of its life on any
-    machine. Checks after every kill that no unit recorded as finished was redone.
+    A point is something the run did, read from the store folder, never a moment on a clock
+    (a busy machine only makes the wait longer): its start-up (killed once the store exists),
+    a unit it claimed and is computing (its lease, no record yet), or a ledger record it just
+    wrote; the last two after 0 or 1 records of its own. Every point leaves at least one unit
+    undone, so each run is killed before it finishes. Checks after every kill that no unit
+    recorded as finished was redone; returns the number of kills (fewer only if a run finished
+    before its point, which the points are chosen to prevent).
     """
     rng = np.random.default_rng(seed)
     finished: dict[str, str] = {}
-    done = 0
-    while done < kills:
+    for done in range(kills):
+        left = _units(out) - len(finished) if (Path(out) / "zarr.json").exists() else 1
+        kind = rng.choice(["start-up", "claim", "record"], p=[0.2, 0.5, 0.3])
+        after = int(rng.integers(0, 2))
+        if kind == "record" and after + 2 > left or kind == "claim" and after + 1 > left:
+            kind, after = "claim", 0
         run = start(stage, manifest, out, *options)
-        time.sleep(rng.uniform(0.15, 0.55) * duration)
-        if run.poll() is not None:
-            break
+        while not _reached(kind, after, out, run.pid, len(finished)):
+            if run.poll() is not None:
+                return done
+            time.sleep(0.005)
         run.send_signal(signal.SIGKILL)
-        run.wait()
-        done += 1
-        now = records(out) if out.exists() else {}
+        if run.wait() == 0:  # it finished between the look and the kill
+            return done
+        now = records(out)
         for name, text in finished.items():
             assert now[name] == text, f"{name} was extracted again"
         finished = now
-    return done
+    return kills
+
+
+def _reached(kind: str, after: int, out: Path, pid: int, recorded: int) -> bool:
+    """Whether run `pid` reached its kill point (`recorded`: records before it started)."""
+    if kind == "start-up":
+        return (Path(out) / "zarr.json").exists()
+    new = len(records(out)) - recorded
+    if kind == "record":
+        return new >= after + 1
+    return new >= after and _claims_unrecorded(out, pid)
+
+
+def _units(out: Path) -> int:
+    store = RowStore.open(out)
+    return -(-store.num_rows // store.shard_size)
+
+
+def _claims_unrecorded(out: Path, pid: int) -> bool:
+    """Whether process `pid` holds the lease of a unit that has no ledger record yet."""
+    for lease in (Path(out) / "leases").glob("unit-*.lease"):
+        found = read_lease(lease)
+        record = Path(out) / "ledger" / f"{lease.name.removesuffix('.lease')}.json"
+        if found is not None and found.holder.pid == pid and not record.exists():
+            return True
+    return False
 
 
 def break_two_videos(manifest: Path, tmp_path: Path, corrupt_row: int, missing_row: int) -> Path:
