@@ -82,6 +82,11 @@ def check_command(words: list[str]) -> None:
     )
 
 
+def test_the_readme_stays_short():
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= 250, f"README.md has {lines} lines: the manual's pages are in docs/"
+
+
 def test_readme_quotes_only_commands_that_exist():
     quoted = commands((ROOT / "README.md").read_text())
     # The README's two commands and its quickstart are found: the parser reads its blocks.
