@@ -139,13 +139,21 @@ def relative_offsets(positions: Tensor, visible: Tensor) -> Tensor:
     return offsets.flatten(-2)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation of Trokens' motion layers (CLIP's)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class MotionEmbed(nn.Module):
-    """Trokens' motion embedding: Linear(in -> 4D), GELU, Linear(4D -> D), LayerNorm."""
+    """Trokens' motion embedding: Linear(in -> 4D), QuickGELU, Linear(4D -> D), LayerNorm
+    (`trokens/models/branches/motion_blocks.py`, `CrossMotionModule` and `HODMotionModule`)."""
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, 4 * dim)
-        self.act = nn.GELU()
+        self.act = QuickGELU()
         self.fc2 = nn.Linear(4 * dim, dim)
         self.norm = nn.LayerNorm(dim)
 

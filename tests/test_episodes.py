@@ -15,7 +15,7 @@ from tats.episodes import (
 )
 from tats.evaluate import evaluation_options
 from tats.manifest import read_manifest
-from tats.pipeline.queries import cluster_subset
+from tats.pipeline.queries import canonical_order, cluster_subset
 from tats.stores import StoreError
 
 SPEC = EpisodeSpec(way=3, shot=2, queries=2)
@@ -257,12 +257,13 @@ def test_no_common_done_rows_is_an_error(synth_stores, tmp_path):
         EpisodeData.open(tracks, synth_stores.features, synth_stores.manifest)
 
 
-def test_cluster_subsets_are_seeded_and_sample_every_cluster():
+def test_padded_cluster_subsets_are_seeded_and_sample_every_cluster():
+    # fill "pad" (Trokens' own fill: tests/test_queries.py)
     rng = np.random.default_rng(0)
     sizes = [120, 60, 30, 12, 5, 1, 1]  # clusters of very different sizes, two of one point
     ids = rng.permutation(np.repeat([7, 3, 11, 0, 5, 2, 9], sizes))  # ids in no order
-    draws = [cluster_subset(ids, 48, seed) for seed in range(20)]
-    assert all(np.array_equal(cluster_subset(ids, 48, s), d) for s, d in enumerate(draws))
+    draws = [cluster_subset(ids, 48, seed, "pad") for seed in range(20)]
+    assert all(np.array_equal(cluster_subset(ids, 48, s, "pad"), d) for s, d in enumerate(draws))
     assert len({d.tobytes() for d in draws}) == 20  # each seed its own draw
     for subset in draws:
         assert subset.dtype == np.int32 and len(subset) == 48
@@ -273,9 +274,9 @@ def test_cluster_subsets_are_seeded_and_sample_every_cluster():
         # points left over after rounding (fewer than the 7 clusters).
         floor = 1 + (48 - 7) * np.array(sizes) // sum(sizes)
         assert (counts >= floor).all() and (counts - floor).sum() == 48 - floor.sum()
-    few = cluster_subset(ids[:10], 16, 0)  # fewer points than the subset: all, then padding
+    few = cluster_subset(ids[:10], 16, 0, "pad")  # fewer points than the subset: all, then padding
     np.testing.assert_array_equal(few, list(range(10)) + [-1] * 6)
-    many = cluster_subset(np.arange(40) % 20, 8, 1)  # more clusters than points to draw
+    many = cluster_subset(np.arange(40) % 20, 8, 1, "pad")  # more clusters than points to draw
     assert len(np.unique(many % 20)) == 8
 
 
@@ -329,7 +330,7 @@ def test_cluster_sampling_reads_seeded_draws_of_every_cluster(semantic_stores):
         subset = t["subset"]
         real = subset >= 0
         scale = np.array(t["frame_size"][::-1], np.float32)
-        expected = t["positions"][:, np.sort(subset[real])] / scale * 2 - 1
+        expected = t["positions"][:, canonical_order(subset)[real]] / scale * 2 - 1
         np.testing.assert_allclose(batch["positions"][i, :, real].numpy(), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="exclude each other"):
         ReadOptions(fresh_subset=True, cluster_sampling=True)

@@ -323,6 +323,20 @@ def test_motion_tokens_make_the_model_see_trajectories_on_constant_features(moti
     torch.testing.assert_close(a, b)  # without motion tokens the model cannot see it
 
 
+def test_motion_layers_use_quick_gelu():
+    # Trokens' motion layers (`trokens/models/branches/motion_blocks.py`): QuickGELU,
+    # x * sigmoid(1.702 x), between their two Linear layers, not the exact GELU.
+    model = small_model(motion="both", num_points=6)
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(0)) * 3
+    for embed in (model.hod_embed, model.offsets_embed):
+        x_in = x.repeat(1, 1, embed.fc1.in_features // 12 + 1)[..., : embed.fc1.in_features]
+        hidden = embed.fc1(x_in)
+        quick = embed.norm(embed.fc2(hidden * torch.sigmoid(1.702 * hidden)))
+        exact = embed.norm(embed.fc2(torch.nn.functional.gelu(hidden)))
+        torch.testing.assert_close(embed(x_in), quick)
+        assert (embed(x_in) - exact).abs().max() > 1e-3  # the two activations differ here
+
+
 def test_motion_layers_are_initialised_like_the_others_and_their_norms_do_not_decay():
     model = TATsModel(ModelConfig(motion="both"))
     for embed, in_dim in ((model.hod_embed, 32), (model.offsets_embed, 512)):

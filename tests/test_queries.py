@@ -128,3 +128,66 @@ def test_a_semantic_row_keeps_every_point_visible_before_its_query_frame():
     assert sorted(set(cluster[row["subset"]].tolist())) == [0, 1, 2]  # one per cluster
     np.testing.assert_array_equal(row["subset"], Q.cluster_subset(cluster, 3,
                                                                   Q.video_seed("clip")))
+
+
+# Trokens' cluster sample (`trokens/datasets/point_sampler.py` `cluster_sample`, then the
+# loader's top-up in `trokens/datasets/base_ds.py` `__getitem__`), written out as the release
+# runs it, with its global random state replaced by one generator.
+def release_cluster_sample(obj_ids: np.ndarray, points_to_sample: int, rng) -> np.ndarray:
+    unique_clusters, cluster_counts = np.unique(obj_ids, return_counts=True)
+    num_clusters = len(unique_clusters)
+    remaining_points = points_to_sample - num_clusters
+    assert remaining_points >= 0  # this test's clips have fewer clusters than points
+    total_points = cluster_counts.sum()
+    points_per_cluster = [1 + int(remaining_points * count / total_points)
+                          for count in cluster_counts]  # fmt: skip
+    extra_needed = points_to_sample - sum(points_per_cluster)
+    if extra_needed > 0:  # torch.multinomial(weights, extra_needed, replacement=True)
+        for cluster_idx in rng.choice(num_clusters, extra_needed, p=cluster_counts / total_points):
+            points_per_cluster[cluster_idx] += 1
+    all_sampled_indices = []
+    for i, cluster_id in enumerate(unique_clusters):
+        cluster_indices = np.where(obj_ids == cluster_id)[0]
+        replace = len(cluster_indices) < points_per_cluster[i]
+        all_sampled_indices.extend(rng.choice(cluster_indices, points_per_cluster[i], replace))
+    filtered_points = np.zeros(len(obj_ids), dtype=bool)  # point_sampler returns a mask
+    filtered_points[np.array(all_sampled_indices)] = True
+    taken = np.flatnonzero(filtered_points)  # pred_tracks[:, filtered_points]: ascending
+    points_missing = points_to_sample - len(taken)
+    all_indices = np.argwhere(filtered_points)[:, 0]
+    try:
+        random_indices = rng.choice(all_indices, points_missing, replace=False)
+    except ValueError:
+        random_indices = rng.choice(all_indices, points_missing, replace=True)
+    return np.concatenate([taken, random_indices])  # torch.cat([to_take, tracks[:, random]])
+
+
+def test_a_clip_of_13_clusters_is_filled_to_256_points_as_trokens_does():
+    sizes = [40, 31, 25, 20, 16, 16, 16, 12, 9, 5, 3, 2, 1]  # 13 clusters, 196 points
+    ids = np.random.default_rng(3).permutation(np.repeat(np.arange(13), sizes))
+    for seed in range(5):
+        subset = Q.cluster_subset(ids, 256, seed)
+        expected = release_cluster_sample(ids, 256, np.random.default_rng(seed))
+        np.testing.assert_array_equal(subset, expected)
+        # Every read has 256 real points: no padding, repeats of the drawn points only.
+        assert subset.dtype == np.int32 and len(subset) == 256 and (subset >= 0).all()
+        distinct = len(np.unique(subset))
+        assert (np.diff(subset[:distinct]) > 0).all()  # the drawn points, ascending
+        assert np.isin(subset[distinct:], subset[:distinct]).all()  # then the top-up
+        assert set(ids[subset].tolist()) == set(range(13))  # every cluster
+        np.testing.assert_array_equal(Q.canonical_order(subset), subset)  # read as drawn
+    assert not np.array_equal(Q.cluster_subset(ids, 256, 0), Q.cluster_subset(ids, 256, 1))
+
+
+def test_the_padded_fill_keeps_every_point_once_and_pads():
+    ids = np.repeat(np.arange(13), 16)  # 208 points
+    padded = Q.cluster_subset(ids, 256, 0, fill="pad")
+    np.testing.assert_array_equal(padded, list(range(208)) + [-1] * 48)
+    # A stored (repeat-filled) subset read with fill "pad": the same, whatever the draw.
+    np.testing.assert_array_equal(Q.padded(Q.cluster_subset(ids, 256, 0), 208), padded)
+    many = Q.cluster_subset(ids, 64, 0)  # more points than the subset
+    np.testing.assert_array_equal(Q.padded(many, 208), np.unique(many).tolist()
+                                  + [-1] * (64 - len(np.unique(many))))  # fmt: skip
+    assert Q.canonical_order(np.array([5, 3, -1, 3, 1, -1, 5])).tolist() == [1, 3, 5, 3, 5, -1, -1]
+    with pytest.raises(ValueError, match="fill"):
+        Q.cluster_subset(ids, 256, 0, fill="zeros")

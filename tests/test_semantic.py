@@ -6,11 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 from stage_helpers import EXTRACT, arrays
 
+from tats.manifest import read_manifest
+from tats.pipeline import queries as Q
 from tats.pipeline import semantic as S
+from tats.pipeline.backbones import create_backbone
 from tats.pipeline.status import verify_store
+from tats.pipeline.trackers import create_tracker
+from tats.pipeline.tracks import TracksConfig, open_tracks_store
 from tats.stores import RowStore
 from tats.synth import SynthConfig, generate
 
@@ -151,7 +158,9 @@ def test_semantic_extraction_writes_a_sound_store_with_cluster_ids(dataset, tmp_
         assert n == 80 and (cluster[:n] >= 0).all()  # 10 clusters found in each clip
         assert (np.bincount(cluster[:n]) == 8).all()
         subset = stored["subset"][row]
-        assert (np.diff(subset) > 0).all()  # 64 of 80 points, ascending
+        assert (subset >= 0).all() and (subset < n).all()  # 64 points of the 80: no padding
+        np.testing.assert_array_equal(Q.canonical_order(subset), subset)  # drawn, ascending
+        assert provenance["clustering_backbone"]["precision"] == "fp32"
         assert set(cluster[subset].tolist()) == set(range(10))  # every cluster sampled
         frames = stored["frames"][row]
         query = stored["query_frame"][row][:n]
@@ -199,3 +208,39 @@ def test_tats_viz_queries_draws_the_clusters_and_points_of_a_real_clip(real_clip
          "--out", str(out), "--backbone", "pixels"], capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "no.mp4" in bad.stderr
+
+
+def test_the_clustering_backbone_runs_in_fp32_on_cuda_too(tmp_path, monkeypatch):
+    # The release clusters fp32 DINOv2 features (`point_tracking/feat_extractor.py`); the
+    # features stage's bf16 autocast on CUDA could flip the 0.2-threshold merges.
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224,
+                            num_classes=0, depth=1)  # fmt: skip
+    weights = tmp_path / "vits14_depth1.safetensors"
+    save_file(vit.state_dict(), str(weights))
+    clustering = S.clustering_backbone("dinov2_vits14", str(weights), depth=1)
+    features = create_backbone("dinov2_vits14", weights, preprocess=S.PREPROCESS, depth=1)
+    assert clustering.preprocess == S.PREPROCESS
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    on_cpu = clustering.forward(images)
+    # What each would do on CUDA (the model stays here, so the forward can run on this CPU).
+    autocasts = []
+    real_autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast",
+                        lambda *a, **k: autocasts.append(k.get("dtype")) or real_autocast(*a, **k))
+    for backbone in (clustering, features):
+        backbone.device = torch.device("cuda")
+    assert features.precision == "bf16" and clustering.precision == "fp32"
+    assert clustering.identity["precision"] == "fp32"
+    torch.testing.assert_close(clustering.forward(images), on_cpu, rtol=0, atol=0)
+    assert autocasts == []  # no autocast around the clustering features
+    with pytest.warns(UserWarning):  # CUDA autocast on a CPU tensor: disabled, with a warning
+        features.forward(images)
+    assert autocasts == [torch.bfloat16]  # the features stage's backbone would enter it
+    # The tracks store records the clustering precision.
+    config = TracksConfig(tracker="lk", queries="semantic")
+    manifest = read_manifest(generate(SynthConfig(classes=3, videos_per_class=1, frames=8),
+                                      tmp_path / "synth", progress=False))  # fmt: skip
+    store = open_tracks_store(tmp_path / "tracks.zarr", manifest, config, create_tracker("lk"),
+                              clustering)  # fmt: skip
+    assert store.provenance["clustering_backbone"]["precision"] == "fp32"

@@ -19,6 +19,8 @@ import numpy as np
 # CoTracker's grid mode lays its grid out at the model resolution; using the same points for
 # every tracker keeps stores from different trackers comparable point for point.
 MODEL_RESOLUTION = (384, 512)
+# How a cluster sample reaches its size: Trokens' repeated points, or tats' masked padding.
+FILLS = ("repeat", "pad")
 
 
 @dataclass(frozen=True)
@@ -164,21 +166,32 @@ def choose_subset(num_points: int, size: int, video_id: str) -> np.ndarray:
     return subset
 
 
-def cluster_subset(cluster_ids: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """`size` distinct points drawn from clusters: at least one per cluster, the rest in
-    proportion to cluster size; ascending point indices, -1 pads where there are fewer points.
+def cluster_subset(
+    cluster_ids: np.ndarray, size: int, seed: int, fill: str = "repeat"
+) -> np.ndarray:
+    """`size` points drawn from clusters, at least one per cluster and the rest in proportion
+    to cluster size, as Trokens' `cluster_sample` (`trokens/datasets/point_sampler.py`) and
+    its loader's top-up (`trokens/datasets/base_ds.py`, `__getitem__`) do, seeded.
 
-    cluster_ids [N]: each point's cluster. Trokens' sampling (`trokens/datasets/
-    point_sampler.py`, `cluster_sample`), with the proportional shares rounded down and the
-    points left over given one at a time to clusters drawn by size among those with points
-    left, so that no point is drawn twice (the release tops up with replacement, and can ask a
-    cluster for more points than it has). With more clusters than `size`, `size` clusters are
-    drawn by size and one point of each.
+    cluster_ids [N]: each point's cluster. With K clusters and K <= size, cluster k's share is
+    1 + int((size - K) * count_k / N), and the shares left over by the rounding go one at a
+    time to clusters drawn by size with replacement; each cluster's share is drawn from its
+    points, with replacement where it is larger than the cluster. With K > size, `size`
+    clusters are drawn by size and one point of each. The release marks the drawn points in
+    a mask, so a point drawn twice counts once; the loader then tops up to `size` with points
+    drawn again from those marked (without replacement where there are enough). The result:
+    the marked points ascending, then the top-up in draw order; every entry a point (a clip
+    of at most `size` points repeats some and may leave others out).
+
+    fill "pad" is tats' earlier variant: every point at most once (all of them where there
+    are at most `size`), ascending, -1 pads.
     """
+    if fill not in FILLS:
+        raise ValueError(f"fill {fill!r} is not one of {FILLS}")
     cluster_ids = np.asarray(cluster_ids)
     n = len(cluster_ids)
-    subset = np.full(size, -1, np.int32)
-    if n <= size:
+    if fill == "pad" and n <= size:
+        subset = np.full(size, -1, np.int32)
         subset[:n] = np.arange(n)
         return subset
     rng = np.random.default_rng(seed)
@@ -186,14 +199,49 @@ def cluster_subset(cluster_ids: np.ndarray, size: int, seed: int) -> np.ndarray:
     if len(clusters) >= size:
         quota = np.zeros(len(clusters), np.int64)
         quota[rng.choice(len(clusters), size, replace=False, p=counts / n)] = 1
-    else:
+    elif fill == "pad":
         quota = 1 + (size - len(clusters)) * counts // n  # at most counts, as size < n
         for _ in range(size - int(quota.sum())):
             room = np.where(quota < counts, counts, 0)
             quota[rng.choice(len(clusters), p=room / room.sum())] += 1
-    chosen = [
-        rng.choice(np.flatnonzero(members_of == c), quota[c], replace=False)
+    else:
+        quota = 1 + ((size - len(clusters)) * counts / n).astype(np.int64)
+        extra = size - int(quota.sum())
+        quota += np.bincount(rng.choice(len(clusters), extra, p=counts / n), minlength=len(quota))
+    drawn = np.concatenate([
+        rng.choice(np.flatnonzero(members_of == c), quota[c], replace=quota[c] > counts[c])
         for c in np.flatnonzero(quota)
-    ]
-    subset[:] = np.sort(np.concatenate(chosen))
-    return subset
+    ])  # fmt: skip
+    marked = np.unique(drawn)
+    missing = size - len(marked)
+    top_up = rng.choice(marked, missing, replace=missing > len(marked))
+    return np.concatenate([marked, top_up]).astype(np.int32)
+
+
+def padded(subset: np.ndarray, kept: int) -> np.ndarray:
+    """A subset as fill "pad" reads it: every point at most once, -1 pads. All `kept` points
+    where they fit in the subset; otherwise the subset's points, each once."""
+    size = len(subset)
+    if kept <= size:
+        points = np.arange(kept)
+    else:
+        points = np.unique(subset[subset >= 0])
+    out = np.full(size, -1, np.int32)
+    out[: len(points)] = points
+    return out
+
+
+def canonical_order(subset: np.ndarray) -> np.ndarray:
+    """The order training reads a subset's points in: each point's first entry in ascending
+    point index, then the repeats in the subset's order, then padding (-1).
+
+    Trokens' loader reads its sampled points through a mask, so in ascending stored index, and
+    appends its top-up (`trokens/datasets/base_ds.py`); the motion tokens' relative offsets
+    depend on the order.
+    """
+    subset = np.asarray(subset)
+    _, first = np.unique(subset, return_index=True)
+    first = first[subset[first] >= 0]  # ascending by point index
+    rest = np.setdiff1d(np.arange(len(subset)), first)
+    rest = rest[np.argsort(subset[rest] < 0, kind="stable")]
+    return subset[np.concatenate([first, rest])]

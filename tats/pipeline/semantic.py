@@ -3,7 +3,9 @@
 As the Trokens release (`pulkitkumar95/trokens`, `point_tracking/`) selects them:
 
 1. Patch features of `frames` clustering frames at `linspace(0, T-1, frames)` (DINOv2 ViT-B/14
-   patch tokens at 224 px with ImageNet mean and std, from the backbone registry).
+   patch tokens at 224 px with ImageNet mean and std, from the backbone registry), in fp32 on
+   every device as the release (`feat_extractor.py`): bf16 can flip the threshold merges below
+   (`clustering_backbone`; the tracks store's provenance records the precision).
 2. Clusters: per frame, ToMe-style bipartite merging (tokens split even / odd, cosine
    similarity, 25% of the tokens merged per iteration into their most similar partner by
    averaging; 11 iterations take 256 tokens to 12 centroids), then a temporal merge (frame 0's
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tats.pipeline.backbones import Preprocess
+from tats.pipeline.backbones import Backbone, Preprocess, create_backbone
 
 METHODS = ("bipartite", "kmeans")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,6 +73,16 @@ class SemanticConfig:
     def max_points(self) -> int:
         """Room on the store's point axis."""
         return self.max_clusters * self.points_per_cluster
+
+
+def clustering_backbone(
+    name: str, weights: str | None = None, device: str | torch.device = "cpu", **kwargs
+) -> Backbone:
+    """The backbone semantic queries cluster the features of: `name` with the release's input
+    (`PREPROCESS`), in fp32 on every device (its `identity` says so)."""
+    backbone = create_backbone(name, weights, device, preprocess=PREPROCESS, **kwargs)
+    backbone.full_precision = True
+    return backbone
 
 
 def clustering_frames(num_frames: int, count: int) -> np.ndarray:
