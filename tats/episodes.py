@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from tats.manifest import SPLITS, Manifest, read_manifest
-from tats.pipeline.queries import cluster_subset
+from tats.pipeline.queries import FILLS, canonical_order, cluster_subset, padded
 from tats.pipeline.status import done_rows
 from tats.stores import FEATURES, TRACKS, RowStore, StoreError
 
@@ -83,8 +83,11 @@ class ReadOptions:
     on (TATs' query mask, for points tracked forward from their query frame); "visible": only
     where the tracker saw it (Trokens' mask: its points are tracked in both directions, so they
     exist at every frame and visibility is what is known of them).
-    Points are read in ascending point index, padding last, whatever the subset's draw order:
-    the motion tokens' relative offsets depend on the order.
+    fill: how a clip with fewer points than the subset reaches its size. "repeat" (Trokens'):
+    cluster draws repeat points (`queries.cluster_subset`), every read has P real points;
+    "pad": every point at most once, masked zeros pad (grid stores' subsets always pad).
+    Points are read in ascending point index, repeats then padding last, whatever the subset's
+    draw order (`queries.canonical_order`): the motion tokens' relative offsets depend on it.
     """
 
     random_view: bool = False
@@ -92,6 +95,7 @@ class ReadOptions:
     tracks_mode: str = "tracks"
     mask: str = "query"
     cluster_sampling: bool = False
+    fill: str = "repeat"
 
     @property
     def per_clip(self) -> bool:
@@ -104,6 +108,8 @@ class ReadOptions:
             raise ValueError(f"tracks mode {self.tracks_mode!r} is not one of {TRACKS_MODES}")
         if self.mask not in MASK_MODES:
             raise ValueError(f"mask {self.mask!r} is not one of {MASK_MODES}")
+        if self.fill not in FILLS:
+            raise ValueError(f"fill {self.fill!r} is not one of {FILLS}")
         if self.fresh_subset and self.cluster_sampling:
             raise ValueError("fresh subsets and cluster sampling exclude each other: choose one")
 
@@ -365,7 +371,7 @@ class ClipReader:
         if opt.tracks_mode == "frozen":
             return self._fixed_grid(row)
         names = ["positions", "visible", "query_frame", "subset"]
-        names += ["valid"] if opt.fresh_subset or opt.cluster_sampling else []
+        names += ["valid"] if opt.fresh_subset or opt.cluster_sampling or opt.fill == "pad" else []
         names += ["cluster"] if opt.cluster_sampling else []
         t = self._open()[0].read_row(row, tuple(names))
         subset = t["subset"]
@@ -373,13 +379,14 @@ class ClipReader:
             kept = int(t["valid"].sum())  # kept points come first
             size = len(subset)
             if opt.cluster_sampling:
-                subset = cluster_subset(t["cluster"][:kept], size, subset_seed)
+                subset = cluster_subset(t["cluster"][:kept], size, subset_seed, opt.fill)
             else:
                 take = min(size, kept)
                 subset = np.full(size, -1, np.int64)
                 subset[:take] = np.random.default_rng(subset_seed).choice(kept, take, replace=False)
-        real = subset >= 0
-        subset = np.concatenate([np.sort(subset[real]), subset[~real]])  # the canonical order
+        elif opt.fill == "pad":
+            subset = padded(subset, int(t["valid"].sum()))
+        subset = canonical_order(subset)
         real = subset >= 0
         index = np.where(real, subset, 0)
         visible = t["visible"][:, index] & real

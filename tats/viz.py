@@ -621,7 +621,6 @@ def render_queries(
     import cv2
 
     from tats.pipeline import semantic as S
-    from tats.pipeline.backbones import create_backbone
     from tats.video import decode_size, probe, read_frames, timeline
 
     config = config or S.SemanticConfig()
@@ -630,7 +629,7 @@ def render_queries(
     size = decode_size(info.width, info.height, max_side)
     frames = read_frames(video, timeline(info, fps, (".webm",)), size=size)
     t, h, w = frames.shape[:3]
-    backbone = create_backbone(config.backbone, weights, device, preprocess=S.PREPROCESS)
+    backbone = S.clustering_backbone(config.backbone, weights, device)
     chosen = S.clustering_frames(t, config.frames)
     features = backbone.encode([frames[chosen]]).cpu()
     queries, clusters, labels = S.select_queries(features, chosen, h, w, config)

@@ -25,7 +25,7 @@ import numpy as np
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline import queries as Q
 from tats.pipeline import semantic as S
-from tats.pipeline.backbones import Backbone, create_backbone
+from tats.pipeline.backbones import Backbone
 from tats.pipeline.executors import extract
 from tats.pipeline.runner import RunSummary
 from tats.pipeline.trackers import Tracker, create_tracker
@@ -279,10 +279,9 @@ class TracksRecipe:
         )
         backbone = None
         if self.config.semantic is not None:
-            backbone = create_backbone(
-                self.config.semantic.backbone, weights=self.cluster_weights,
-                device=self.device, preprocess=S.PREPROCESS,
-            )  # fmt: skip
+            backbone = S.clustering_backbone(
+                self.config.semantic.backbone, self.cluster_weights, self.device
+            )
         elif self.cluster_weights is not None:
             raise ValueError("clustering weights need semantic queries")
         return TracksStage(self.config, tracker, self.batch_videos, backbone)
