@@ -14,7 +14,10 @@ method differ (tats/methods.py):
     Trokens               semantic queries (clusters of `pixels` features, LK tracks in both
                           directions), cluster sampling, the visible mask, motion tokens
 
-An ablation row, `--rows "Trokens without motion tokens"`, is Trokens with `--motion none`.
+Trokens' clips with fewer points than the subset are filled with repeated points as the release
+does; the row "Trokens, padded" reads them with masked padding instead (`fill: pad`). An
+ablation row, `--rows "Trokens without motion tokens"`, is Trokens with `--motion none`.
+`--keep-other-rows` keeps, in an existing --out of the same preset, the rows not run now.
 
 Reported: 5-way 1-shot and 5-shot test accuracy +- 95% CI of each row, a model trained per shot.
 Stores are built once under --work and reused; runs resume. Presets: `quick` is a smoke test;
@@ -54,10 +57,11 @@ ROWS = {
     "TATs": ("uniform", {"method": "tats"}),
     "TATs + motion tokens": ("uniform", {"method": "tats", "motion": "both"}),
     "Trokens": ("semantic", {"method": "trokens"}),
+    "Trokens, padded": ("semantic", {"method": "trokens", "fill": "pad"}),
     # Ablation, not run by default: which part of Trokens makes its lead.
     "Trokens without motion tokens": ("semantic", {"method": "trokens", "motion": "none"}),
 }
-DEFAULT_ROWS = ["appearance only", "TATs", "TATs + motion tokens", "Trokens"]
+DEFAULT_ROWS = ["appearance only", "TATs", "TATs + motion tokens", "Trokens", "Trokens, padded"]
 PRESETS = {
     "quick": {
         "synth": SynthConfig(videos_per_class=10, frames=24),
@@ -119,6 +123,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="decoding / loading processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="where training runs: auto, cpu, cuda")
+    parser.add_argument(
+        "--keep-other-rows",
+        action="store_true",
+        help="keep the other rows of an existing --out of this preset",
+    )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     work = args.work or Path("benchmarks/work") / f"motion-{args.preset}"
@@ -132,7 +141,8 @@ def main() -> None:
     for shot in args.shots:
         for row in args.rows:
             store, options = ROWS[row]
-            run_dir = work / "runs" / f"{row.replace(' ', '-')}-{shot}shot-seed{args.seed}"
+            name = row.replace(" ", "-").replace(",", "")
+            run_dir = work / "runs" / f"{name}-{shot}shot-seed{args.seed}"
             config = config_from_dict({
                 "tracks": str(paths[store]), "features": str(paths["features"]),
                 "manifest": str(paths["manifest"]), "out": str(run_dir), "way": 5, "shot": shot,
@@ -149,7 +159,15 @@ def main() -> None:
                 "final_train_accuracy": run.history[-1]["train_accuracy"],
                 "train_seconds": round(sum(epoch["seconds"] for epoch in run.history), 1),
                 "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run_dir),
+                "measured": time.strftime("%Y-%m-%d"),
             })  # fmt: skip
+    kept = []
+    if args.keep_other_rows and out.is_file():
+        earlier = json.loads(out.read_text())
+        if earlier["preset"] != args.preset:
+            raise SystemExit(f"{out} holds preset {earlier['preset']}, not {args.preset}")
+        kept = [r for r in earlier["results"] if r["row"] not in args.rows]
+    shown = [r for r in ROWS if r in args.rows or any(k["row"] == r for k in kept)]
     report = {
         "benchmark": "motion",
         "preset": args.preset,
@@ -160,17 +178,17 @@ def main() -> None:
         "seed": args.seed,
         "build_seconds": round(build_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
+        "results": sorted(kept + results, key=lambda r: (r["shot"], list(ROWS).index(r["row"]))),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("\n| model | 5-way 1-shot | 5-way 5-shot |\n|---|---|---|")
-    for row in args.rows:
+    for row in shown:
         cells = []
         for shot in (1, 5):
-            r = next((r for r in results if r["row"] == row and r["shot"] == shot), None)
+            r = next((r for r in report["results"] if r["row"] == row and r["shot"] == shot), None)
             cells.append("-" if r is None else f"{r['test_accuracy']:.1f} +- {r['test_ci95']:.1f}")
         print(f"| {row} | {' | '.join(cells)} |")
     print(f"\nwrote {out} ({time.perf_counter() - started:.0f} s in all)")

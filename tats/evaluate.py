@@ -79,7 +79,8 @@ class EpisodePredictions(NamedTuple):
 def evaluation_options(config: dict) -> ReadOptions:
     """How evaluation reads the clips of a run with training config `config`: view 0, the
     run's point subsets, tracks mode and mask."""
-    return ReadOptions(False, config["fresh_subset"], config["tracks_mode"], config["mask"])
+    return ReadOptions(False, config["fresh_subset"], config["tracks_mode"], config["mask"],
+                       fill=config.get("fill", "repeat"))  # fmt: skip
 
 
 def embed(model: TATsModel, batch: dict[str, Tensor]) -> Tensor:

@@ -91,6 +91,7 @@ class TrainConfig:
     mask: str = "query"
     fresh_subset: bool = False
     cluster_sampling: bool = False  # Trokens: cluster-balanced points per read (semantic stores)
+    fill: str = "repeat"  # cluster-sampled clips with few points: Trokens' repeats, or "pad"
     augment: bool = True  # a random feature view per training clip; False: view 0 only
     motion: str = "none"  # Trokens' motion tokens: none, hod, offsets, both
     hod_bins: int = 32
@@ -125,7 +126,7 @@ class TrainConfig:
         EpisodeSpec(self.way, self.shot, self.train_queries)
         EpisodeSpec(self.way, self.shot, self.test_queries)
         ReadOptions(self.augment, self.fresh_subset, self.tracks_mode, self.mask,
-                    self.cluster_sampling)  # fmt: skip
+                    self.cluster_sampling, self.fill)  # fmt: skip
         if self.motion not in MOTION_FEATURES:
             raise ValueError(f"motion {self.motion!r} is not one of {MOTION_FEATURES}")
         if self.hod_bins < 1:
@@ -334,7 +335,7 @@ def train(config: TrainConfig) -> RunResult:
         data = EpisodeData.open(cfg.tracks, cfg.features, cfg.manifest)
         train_classes = data.classes("train", train_spec.per_class, cfg.way)
         options = ReadOptions(cfg.augment, cfg.fresh_subset, cfg.tracks_mode, cfg.mask,
-                              cfg.cluster_sampling)  # fmt: skip
+                              cfg.cluster_sampling, cfg.fill)  # fmt: skip
         train_set = data.dataset("train", train_spec, options, cfg.seed, rt.rank, train_classes)
         test_classes = None
         if cfg.test_episodes:
