@@ -2,17 +2,26 @@
 
 Format (data_manifests/README.md): a header `video_id,path,label,split` (any order), optional
 extra columns kept as strings. The manifest row order is the first axis of every store.
+
+A manifest of a million videos is read in a single pass and held by column (`ManifestRows`:
+about 100 bytes a row); `manifest.rows[i]` makes row i's VideoRow when asked, and the columns
+(`rows.labels`, `rows.splits`) serve whole-dataset questions without one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
+import operator
 import os
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("video_id", "path", "label", "split")
@@ -34,26 +43,174 @@ class VideoRow:
     extra: dict[str, str] = field(default_factory=dict, hash=False)
 
 
+class PackedStrings(Sequence[str]):
+    """Strings packed as one UTF-8 buffer and their end offsets: about a byte a character and
+    8 bytes each, where a list of str costs some 60 bytes more per string (and DataLoader
+    workers forked from the process copy the pages its reference counts touch)."""
+
+    def __init__(self, values: Iterable[str] = ()):
+        self._data, self._ends = bytearray(), array("q")
+        for value in values:
+            self.append(value)
+
+    def append(self, value: str) -> None:
+        self._data += value.encode()
+        self._ends.append(len(self._data))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        end = self._ends[i]  # IndexError for a row outside
+        i %= len(self._ends)
+        return self._data[self._ends[i - 1] if i else 0 : end].decode()
+
+
+@dataclass(frozen=True, eq=False)
+class _Columns:
+    """A manifest's values by column: packed strings for ids and paths, a small integer for
+    labels and splits. `root` is what relative paths resolve against (None: paths as given)."""
+
+    root: str | None
+    video_ids: Sequence[str]
+    paths: Sequence[str]
+    label_names: tuple[str, ...]  # sorted
+    labels: np.ndarray  # [R] int32 index into label_names
+    splits: np.ndarray  # [R] uint8 index into SPLITS
+    extra: dict[str, Sequence[str | None]]  # None: the row has no such value
+
+
+class ManifestRows(Sequence[VideoRow]):
+    """Rows of a manifest, in manifest order, held by column (a few dozen bytes per row, where
+    a VideoRow with its Path costs about a kilobyte): `rows[i]` and iteration make each row's
+    VideoRow, path resolved, when asked. `index`: the manifest rows of a selection (None: all)."""
+
+    def __init__(self, columns: _Columns, index: np.ndarray | None = None):
+        self._columns, self._index = columns, index
+
+    @classmethod
+    def of(cls, rows: Iterable[VideoRow]) -> ManifestRows:
+        """Rows given as VideoRows, in order (their `row` field is not used: order is position)."""
+        rows = list(rows)
+        names = tuple(sorted({r.label for r in rows}))
+        code = {name: i for i, name in enumerate(names)}
+        for r in rows:
+            if r.split not in SPLITS:
+                raise ValueError(f"{r.video_id}: unknown split {r.split!r}")
+        extra_names = dict.fromkeys(name for r in rows for name in r.extra)
+        columns = _Columns(
+            None,
+            PackedStrings(r.video_id for r in rows),
+            PackedStrings(str(r.path) for r in rows),
+            names,
+            np.array([code[r.label] for r in rows], np.int32),
+            np.array([SPLITS.index(r.split) for r in rows], np.uint8),
+            {name: [r.extra.get(name) for r in rows] for name in extra_names},
+        )
+        return cls(columns)
+
+    @property
+    def numbers(self) -> np.ndarray:
+        """[N] int64: the manifest row of each."""
+        if self._index is None:
+            return np.arange(len(self._columns.video_ids), dtype=np.int64)
+        return self._index
+
+    @property
+    def video_ids(self) -> Sequence[str]:
+        ids = self._columns.video_ids
+        return ids if self._index is None else [ids[i] for i in self._index.tolist()]
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Every class of the manifest, sorted."""
+        return self._columns.label_names
+
+    @property
+    def labels(self) -> np.ndarray:
+        """[N] int32: each row's class, an index into `label_names`."""
+        labels = self._columns.labels
+        return labels if self._index is None else labels[self._index]
+
+    @property
+    def splits(self) -> np.ndarray:
+        """[N] uint8: each row's split, an index into SPLITS."""
+        splits = self._columns.splits
+        return splits if self._index is None else splits[self._index]
+
+    def select(self, index: np.ndarray) -> ManifestRows:
+        """The rows at positions `index` of this sequence."""
+        return ManifestRows(self._columns, self.numbers[np.asarray(index, np.int64)])
+
+    def __len__(self) -> int:
+        return len(self._columns.video_ids) if self._index is None else len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self._row(int(r)) for r in self.numbers[i])
+        if self._index is not None:
+            return self._row(int(self._index[i]))
+        i, n = operator.index(i), len(self._columns.video_ids)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of {n}")
+        return self._row(i % n)
+
+    def __iter__(self) -> Iterator[VideoRow]:
+        rows = range(len(self)) if self._index is None else self._index.tolist()
+        return (self._row(r) for r in rows)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, ManifestRows):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ManifestRows({len(self)} rows)"
+
+    def _row(self, r: int) -> VideoRow:
+        c = self._columns
+        extra = {name: v[r] for name, v in c.extra.items() if v[r] is not None}
+        path = Path(c.paths[r]) if c.root is None else _resolve(c.root, c.paths[r])
+        label, split = c.label_names[c.labels[r]], SPLITS[c.splits[r]]
+        return VideoRow(r, c.video_ids[r], path, label, split, extra)
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest; sha256 is of the file's bytes (stores record it)."""
+    """A validated manifest; sha256 is of the file's bytes (stores record it). `rows` may be
+    given as any sequence of VideoRows; it is held as ManifestRows."""
 
     path: Path
-    rows: tuple[VideoRow, ...]
+    rows: ManifestRows = field(hash=False)
     sha256: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rows, ManifestRows):
+            object.__setattr__(self, "rows", ManifestRows.of(self.rows))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def classes(self, split: str | None = None) -> list[str]:
         """Sorted class names, of one split or of all."""
-        return sorted({r.label for r in self.rows if split is None or r.split == split})
+        labels = self.rows.labels
+        if split is not None:
+            labels = labels[self.rows.splits == _split_code(split)]
+        return [self.rows.label_names[i] for i in np.unique(labels)]
 
-    def split_rows(self, split: str) -> list[VideoRow]:
+    def split_rows(self, split: str) -> ManifestRows:
         """The rows of one split, in manifest order."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return [r for r in self.rows if r.split == split]
+        return self.rows.select(np.flatnonzero(self.rows.splits == _split_code(split)))
+
+
+def _split_code(split: str) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return SPLITS.index(split)
 
 
 class RowChecker:
@@ -63,7 +220,8 @@ class RowChecker:
     """
 
     def __init__(self) -> None:
-        self._id_at: dict[str, str] = {}
+        self._id_at: dict[str, int] = {}  # the check that saw each id first
+        self._wheres = PackedStrings()  # `where` of every check_id
         self._split_of_label: dict[str, tuple[str, str]] = {}
 
     def check(self, where: str, video_id: str, path: str, label: str, split: str) -> None:
@@ -90,11 +248,13 @@ class RowChecker:
 
     def check_id(self, where: str, video_id: str) -> None:
         """A video id seen by no earlier check."""
-        if video_id in self._id_at:
+        seen = len(self._wheres)
+        first = self._id_at.setdefault(video_id, seen)
+        if first < seen:
             raise ManifestError(
-                f"{where}: duplicate video_id {video_id!r} (first at {self._id_at[video_id]})"
+                f"{where}: duplicate video_id {video_id!r} (first at {self._wheres[first]})"
             )
-        self._id_at[video_id] = where
+        self._wheres.append(where)
 
 
 def read_manifest(
@@ -106,19 +266,33 @@ def read_manifest(
     made absolute but symlinks are kept. check_files: every video file must exist.
     """
     path = Path(path)
-    data, header, records = _read_table(path, COLUMNS)
-    root = absolute_path(video_root if video_root is not None else path.parent)
-    extra_names = [n for n in header if n not in COLUMNS]
-    checker, rows = RowChecker(), []
-    for where, values in records:
+    table = _Table(path, COLUMNS)
+    header = table.header
+    root = str(absolute_path(video_root if video_root is not None else path.parent))
+    extra = {n: PackedStrings() for n in header if n not in COLUMNS}
+    checker, ids, paths = RowChecker(), PackedStrings(), PackedStrings()
+    labels, splits, label_code = array("i"), bytearray(), {}
+    for where, values in table.records():
         video_id, rel, label, split = (values[name] for name in COLUMNS)
         checker.check(where, video_id, rel, label, split)
-        video_path = _video_path(where, root, rel, check_files)
-        extra = {name: values[name] for name in extra_names}
-        rows.append(VideoRow(len(rows), video_id, video_path, label, split, extra))
-    if not rows:
+        if check_files:
+            _video_path(where, root, rel, check_files)
+        ids.append(video_id)
+        paths.append(rel)
+        labels.append(label_code.setdefault(label, len(label_code)))
+        splits.append(SPLITS.index(split))
+        for name, column in extra.items():
+            column.append(values[name])
+    if not ids:
         raise ManifestError(f"{path}:2: no videos listed")
-    return Manifest(absolute_path(path), tuple(rows), hashlib.sha256(data).hexdigest())
+    names = sorted(label_code)
+    sorted_code = np.empty(len(names), np.int32)
+    sorted_code[[label_code[n] for n in names]] = np.arange(len(names))
+    columns = _Columns(
+        root, ids, paths, tuple(names), sorted_code[np.frombuffer(labels, np.int32)],
+        np.frombuffer(splits, np.uint8).copy(), extra,
+    )  # fmt: skip
+    return Manifest(absolute_path(path), ManifestRows(columns), table.sha256)
 
 
 @dataclass(frozen=True)
@@ -147,11 +321,11 @@ def read_clip_list(
     """
     path = Path(path)
     columns = ("video_id", "path", "label") if label_required else ("video_id", "path")
-    _, header, records = _read_table(path, columns)
+    table = _Table(path, columns)
     root = absolute_path(video_root if video_root is not None else path.parent)
     checker = checker or RowChecker()
     clips = []
-    for where, values in records:
+    for where, values in table.records():
         checker.check_fields(where, {name: values[name] for name in columns})
         label = values.get("label", "")
         if label:
@@ -164,30 +338,34 @@ def read_clip_list(
     return clips
 
 
-def _read_table(
-    path: Path, required: tuple[str, ...]
-) -> tuple[bytes, list[str], Iterator[tuple[str, dict[str, str]]]]:
-    """A CSV file's bytes, its header (which must name every `required` column) and its
-    records that are not empty, as ("file:line", {column: value stripped})."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ManifestError(f"{path}: cannot read ({err.strerror or err})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ManifestError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [name.strip() for name in next(reader)]
-    except StopIteration:
-        raise ManifestError(f"{path}:1: empty file, expected a header") from None
-    except csv.Error as err:
-        raise ManifestError(f"{path}:1: {err}") from None
-    _check_header(path, header, required)
+class _Table:
+    """A CSV file read once, as a stream: its header (which must name every `required`
+    column), its records that are not empty as ("file:line", {column: value stripped}), and,
+    once they are all read, the SHA-256 of its bytes."""
 
-    def records() -> Iterator[tuple[str, dict[str, str]]]:
+    def __init__(self, path: Path, required: tuple[str, ...]):
+        self.path = path
         try:
+            self._file = path.open("rb")
+        except OSError as err:
+            raise ManifestError(f"{path}: cannot read ({err.strerror or err})") from None
+        self._raw = _Hashing(self._file)
+        text = io.TextIOWrapper(io.BufferedReader(self._raw), "utf-8-sig", newline="")
+        self._reader = csv.reader(text)
+        try:
+            with self._errors(1):
+                self.header = [name.strip() for name in next(self._reader)]
+            _check_header(path, self.header, required)
+        except StopIteration:
+            self._file.close()
+            raise ManifestError(f"{path}:1: empty file, expected a header") from None
+        except BaseException:
+            self._file.close()
+            raise
+
+    def records(self) -> Iterator[tuple[str, dict[str, str]]]:
+        path, header, reader = self.path, self.header, self._reader
+        with self._file, self._errors(None):
             for record in reader:
                 where = f"{path}:{reader.line_num}"
                 if not any(value.strip() for value in record):
@@ -197,14 +375,51 @@ def _read_table(
                         f"{where}: {len(record)} fields, the header has {len(header)}"
                     )
                 yield where, {n: value.strip() for n, value in zip(header, record, strict=True)}
+
+    @property
+    def sha256(self) -> str:
+        if not self._file.closed:
+            raise RuntimeError("the digest of a table is known once its records are read")
+        return self._raw.hash.hexdigest()
+
+    @contextlib.contextmanager
+    def _errors(self, line: int | None) -> Iterator[None]:
+        """csv and decoding errors as ManifestErrors naming the file and line (or byte)."""
+        try:
+            yield
         except csv.Error as err:
-            raise ManifestError(f"{path}:{reader.line_num}: {err}") from None
+            raise ManifestError(f"{self.path}:{line or self._reader.line_num}: {err}") from None
+        except UnicodeDecodeError:
+            try:  # the offset in the file: the stream's error counts from its last block
+                self.path.read_bytes().decode("utf-8-sig")
+            except UnicodeDecodeError as err:
+                raise ManifestError(
+                    f"{self.path}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
+            raise
 
-    return data, header, records()
+
+class _Hashing(io.RawIOBase):
+    """A file read through, hashing what it reads."""
+
+    def __init__(self, file: io.BufferedReader):
+        self._file, self.hash = file, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._file.readinto(buffer)
+        self.hash.update(memoryview(buffer)[:n])
+        return n
 
 
-def _video_path(where: str, root: Path, rel: str, check_files: bool) -> Path:
-    video_path = absolute_path(os.path.join(root, os.path.expanduser(rel)))
+def _resolve(root: str, rel: str) -> Path:
+    return absolute_path(os.path.join(root, os.path.expanduser(rel)))
+
+
+def _video_path(where: str, root: str | Path, rel: str, check_files: bool) -> Path:
+    video_path = _resolve(str(root), rel)
     if check_files and not video_path.is_file():
         raise ManifestError(f"{where}: video file not found: {video_path}")
     return video_path

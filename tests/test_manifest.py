@@ -2,6 +2,7 @@
 
 import hashlib
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,35 @@ def test_write_refuses_what_read_would_refuse(tmp_path):
     with pytest.raises(ManifestError, match="class 'a' is in split 'val'"):
         write_manifest(overlap, out)
     assert not out.exists()
+
+
+def test_rows_are_held_by_column_at_a_small_cost_per_row(tmp_path):
+    # A manifest costs every process that reads it (extraction workers, trainer ranks, their
+    # DataLoader workers): 1M rows must stay far under a gigabyte (about 1 KB a row as a
+    # VideoRow with its Path).
+    n = 10_000
+    lines = ["video_id,path,label,split,source"]
+    for i in range(n):
+        split = ("train", "val", "test")[i % 100 // 80 + i % 100 // 90]
+        vid = f"{i * 7919:012x}_{i:06d}"
+        lines.append(f"{vid},{split}/class {i % 100}/{vid}.mp4,class {i % 100},{split},yt")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    tracemalloc.start()
+    try:
+        manifest = read_manifest(path)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / n < 150 and peak / n < 400, (held / n, peak / n)  # bytes per row
+    assert len(manifest) == n and manifest.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    row = manifest.rows[8081]
+    vid = f"{8081 * 7919:012x}_008081"
+    assert row == VideoRow(
+        8081, vid, tmp_path / "val" / "class 81" / f"{vid}.mp4", "class 81", "val", {"source": "yt"}
+    )
+    assert manifest.rows[-1].row == n - 1 and len(manifest.split_rows("test")) == n // 10
+    assert manifest.classes("val") == [f"class {c}" for c in range(80, 90)]
+    assert [r.video_id for r in manifest.split_rows("val")[:2]] == [
+        f"{80 * 7919:012x}_000080",
+        f"{81 * 7919:012x}_000081",
+    ]
