@@ -14,6 +14,15 @@ Frame numbering is "the n-th frame the decoder outputs", counted from 0. `probe`
 `read_frames` decodes straight through dense index sets and seeks (to the keyframe before a
 frame) only when that skips more than SEEK_MIN_SKIP frames; seeking needs a container whose
 packets map one-to-one onto frames, otherwise it decodes through.
+
+Frames come out as they are displayed: a clip whose container carries a display rotation (a
+phone held upright records landscape frames and a 90-degree display matrix) is decoded rotated,
+and its width and height are the displayed ones. PyAV reports the rotation and tats turns each
+frame; decord turns them itself and does not report by how much.
+
+Frames are numbered in presentation order. A file whose presentation times are not evenly
+spaced (variable frame rate: phones, screen recordings) reports them, so that the time base
+picks frames by time, not by index.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ BACKENDS = ("auto", "av", "decord")
 # (benchmarks/bench_video.py reports seek_cost_in_frames).
 SEEK_MIN_SKIP = 4
 _MATROSKA_SUFFIXES = (".webm", ".mkv", ".mka", ".mk3d")
+_DECORD_BATCH = 8  # frames decord decodes at full size at once, before they are scaled
 
 
 class VideoError(RuntimeError):
@@ -48,13 +58,18 @@ class VideoError(RuntimeError):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What `probe` reports: decodable frame count, native frame rate, decoded frame size."""
+    """What `probe` reports: decodable frame count, native frame rate, displayed frame size,
+    the display rotation decoding applies (degrees counterclockwise: 0, 90, 180 or 270; None
+    where decord applied it without saying), and, for a file whose frames are not evenly
+    spaced in time, each frame's presentation time in seconds (None: evenly spaced)."""
 
     path: Path
     num_frames: int
     fps: float
     width: int
     height: int
+    rotation: int | None = 0
+    times: tuple[float, ...] | None = None
 
     @property
     def duration(self) -> float:
@@ -87,7 +102,10 @@ def timeline(
 
     The clip is resampled to `fps`: T = round(duration * fps) frames spread evenly over
     [0, num_frames - 1]. With fps=None, or for a file whose suffix is in native_suffixes
-    (SSv2's .webm), every native frame is kept.
+    (SSv2's .webm), every native frame is kept. For a file whose frames are not evenly spaced
+    in time (`info.times`), the T instants are spread evenly from the first frame's
+    presentation time to the last one's, and each picks the frame shown at that instant (the
+    last one presented at or before it); for evenly spaced frames this is the same choice.
     """
     n = info.num_frames
     if n < 1:
@@ -95,7 +113,12 @@ def timeline(
     if fps is None or Path(info.path).suffix.lower() in {s.lower() for s in native_suffixes}:
         return np.arange(n)
     num = max(1, round(info.duration * fps))
-    return np.linspace(0, n - 1, num).astype(int)
+    if info.times is None:
+        return np.linspace(0, n - 1, num).astype(int)
+    times = np.asarray(info.times)
+    instants = np.linspace(times[0], times[-1], num)
+    # The tolerance keeps an instant that float rounding puts just before a frame on it.
+    return np.searchsorted(times, instants + 1e-9, side="right") - 1
 
 
 def stored_frames(T: int, S: int = 8) -> np.ndarray:
@@ -105,12 +128,15 @@ def stored_frames(T: int, S: int = 8) -> np.ndarray:
     return np.linspace(0, T - 1, S).astype(int)
 
 
-def decode_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+def decode_size(
+    width: int, height: int, max_side: int | None, min_side: int = 0
+) -> tuple[int, int]:
     """(width, height) to decode at: the frame size, shrunk (aspect kept) so that its longer
-    side is at most `max_side` (None: the frame size)."""
+    side is at most `max_side` (None: the frame size), but never so far that its shorter side
+    falls below `min_side` (a later resize to that size then still only shrinks)."""
     if max_side is None or max(width, height) <= max_side:
         return width, height
-    scale = max_side / max(width, height)
+    scale = max(max_side / max(width, height), min(1.0, min_side / min(width, height)))
     return max(2, round(width * scale)), max(2, round(height * scale))
 
 
@@ -122,8 +148,9 @@ def read_frames(
 ) -> np.ndarray:
     """Decode the given native frame indices (any order, repeats allowed).
 
-    Returns uint8 RGB frames [len(indices), H, W, 3] in the requested order, scaled to
-    `size` = (width, height) by the decoder (area interpolation) where given, so that a large
+    Returns uint8 RGB frames [len(indices), H, W, 3] as displayed (rotated by the file's
+    display rotation), in the requested order, scaled to `size` = (width, height) of the
+    displayed frame where given (area interpolation, one frame at a time), so that a large
     video never exists in memory at full size. Raises VideoError for an unreadable, truncated
     or corrupt file, or an index past the last decodable frame. backend: as for `probe`.
     """
@@ -279,17 +306,50 @@ def _probe_av(path: Path) -> VideoInfo:
         ctx = stream.codec_context
         width, height = int(ctx.width), int(ctx.height)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        frames = _decoded(path, container, stream)
+        first = next(frames, None)
+        if first is None:
+            raise VideoError(path, "no frame decodes")
+        rotation = _rotation(path, first)
         if packets.seekable:
-            num_frames = packets.declared
+            pts = packets.pts.tolist()
         else:
-            num_frames = sum(1 for _ in _decoded(path, container, stream))
-    if num_frames == 0:
-        raise VideoError(path, "no frame decodes")
+            pts = [first.pts, *(frame.pts for frame in frames)]
+        times = _uneven_times(pts, stream.time_base)
     if not rate or rate <= 0:
         raise VideoError(path, "unknown frame rate")
     if width <= 0 or height <= 0:
         raise VideoError(path, f"invalid frame size {width}x{height}")
-    return VideoInfo(path, num_frames, float(rate), width, height)
+    if rotation in (90, 270):
+        width, height = height, width
+    return VideoInfo(path, len(pts), float(rate), width, height, rotation, times)
+
+
+def _rotation(path: Path, frame) -> int:
+    """The display rotation of a decoded frame, degrees counterclockwise in 0, 90, 180, 270."""
+    degrees = frame.rotation
+    turns = round(degrees / 90)
+    if abs(degrees - 90 * turns) > 1:
+        raise VideoError(path, f"display rotation of {degrees} degrees (not a multiple of 90)")
+    return 90 * turns % 360
+
+
+def _uneven_times(pts: list, time_base) -> tuple[float, ...] | None:
+    """Presentation times (s) of frames whose time stamps are not evenly spaced, else None.
+
+    Time stamps within a quarter frame of an even spacing count as even (containers round
+    them to their clock: 33, 33, 34 ms at 30 fps in Matroska); so do unknown or unordered ones.
+    """
+    if len(pts) < 3 or None in pts or time_base is None:
+        return None
+    times = np.asarray(pts, np.float64) * float(time_base)
+    if np.any(np.diff(times) <= 0):
+        return None
+    step = (times[-1] - times[0]) / (len(times) - 1)
+    even = times[0] + step * np.arange(len(times))
+    if np.abs(times - even).max() <= step / 4:
+        return None
+    return tuple(times.tolist())
 
 
 def _decoded(path: Path, container, stream) -> Iterator[object]:
@@ -331,12 +391,20 @@ def _decode_targets(
 
     to_rgb = VideoReformatter()  # one for all frames: it keeps its swscale context
     with _av_stream(path) as (container, stream):
-        native = (int(stream.codec_context.width), int(stream.codec_context.height))
-        width, height = size or native
+        frames = _decoded(path, container, stream)
+        frame = next(frames, None)  # the first frame tells the display rotation
+        if frame is None:
+            raise VideoError(path, "no frame decodes")
+        pos = index_of.get(frame.pts, -1) if seekable else 0
+        turns = _rotation(path, frame) // 90
+        coded = (int(stream.codec_context.width), int(stream.codec_context.height))
+        shown = coded[::-1] if turns % 2 else coded
+        width, height = size or shown
+        # Scaled in the coded orientation, then turned to the displayed one.
+        scaled = (height, width) if turns % 2 else (width, height)
         # Area interpolation where the frame shrinks; the converter's default otherwise.
-        scaling = {"interpolation": "AREA"} if (width, height) != native else {}
+        scaling = {"interpolation": "AREA"} if scaled != coded else {}
         out = np.empty((len(targets), height, width, 3), np.uint8)
-        frames, pos = _decoded(path, container, stream), -1
         for slot, (target, key) in enumerate(zip(targets.tolist(), seeks, strict=True)):
             if key is not None:
                 container.seek(int(packets.pts[key]), stream=stream, backward=True)
@@ -355,7 +423,8 @@ def _decode_targets(
                     pos += 1
             if pos != target:
                 raise _SeekMissed
-            out[slot] = to_rgb.reformat(frame, width, height, "rgb24", **scaling).to_ndarray()
+            rgb = to_rgb.reformat(frame, *scaled, "rgb24", **scaling).to_ndarray()
+            out[slot] = np.rot90(rgb, turns)
     return out
 
 
@@ -377,14 +446,13 @@ def seek_plan(targets: Sequence[int], keyframes: Sequence[int]) -> list[int | No
 # --- decord (fallback) --------------------------------------------------------------------
 
 
-def _decord_reader(path: Path, size: tuple[int, int] | None = None):
+def _decord_reader(path: Path):
     try:
         import decord
     except ImportError as err:
         raise VideoError(path, f"decord is not installed ({err})") from None
-    width, height = size or (-1, -1)
     try:
-        return decord.VideoReader(str(path), num_threads=1, width=width, height=height)
+        return decord.VideoReader(str(path), num_threads=1)
     except (decord.DECORDError, RuntimeError) as err:
         raise VideoError(path, f"cannot open: {_decord_message(err)}") from None
 
@@ -413,19 +481,31 @@ def _probe_decord(path: Path) -> VideoInfo:
     fps = float(reader.get_avg_fps())
     if fps <= 0:
         raise VideoError(path, "unknown frame rate")
-    return VideoInfo(path, num_frames, fps, int(width), int(height))
+    starts = reader.get_frame_timestamp(range(num_frames))[:, 0].tolist()
+    times = _uneven_times(starts, 1)  # decord's time stamps are in seconds
+    return VideoInfo(path, num_frames, fps, int(width), int(height), None, times)
 
 
 def _read_decord(path: Path, targets: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Frames at full size, a few at a time, each scaled here where a size is given: decord's
+    own scaling breaks on frames it turns by 90 degrees (it swaps the size's sides)."""
+    import cv2
     import decord
 
-    reader = _decord_reader(path, size)
+    reader = _decord_reader(path)
     if len(targets) and targets[-1] >= len(reader):
         raise VideoError(path, f"frame {targets[-1]} requested, {len(reader)} frames decode")
-    if not len(targets):
-        height, width = reader[0].shape[:2]
-        return np.empty((0, height, width, 3), np.uint8)
-    try:
-        return reader.get_batch(targets.tolist()).asnumpy()
-    except (decord.DECORDError, RuntimeError) as err:
-        raise VideoError(path, f"corrupt or truncated data: {_decord_message(err)}") from None
+    width, height = size or reader[0].shape[1::-1]
+    out = np.empty((len(targets), height, width, 3), np.uint8)
+    for start in range(0, len(targets), _DECORD_BATCH):
+        chunk = targets[start : start + _DECORD_BATCH].tolist()
+        try:
+            frames = reader.get_batch(chunk).asnumpy()
+        except (decord.DECORDError, RuntimeError) as err:
+            problem = f"corrupt or truncated data: {_decord_message(err)}"
+            raise VideoError(path, problem) from None
+        for i, frame in enumerate(frames):
+            if frame.shape[1::-1] != (width, height):
+                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+            out[start + i] = frame
+    return out

@@ -1,6 +1,7 @@
 """tats.video on small clips made here with PyAV: each frame carries its own index as a barcode."""
 
 import pickle
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -57,6 +58,52 @@ def barcode(frames: np.ndarray) -> list[int]:
     return [int(sum(1 << b for b in range(BITS) if row[b])) for row in bits]
 
 
+def upright_frames(num_frames: int, size: tuple[int, int] = (160, 128)) -> np.ndarray:
+    """Frames as they are to be displayed (portrait by default, as a phone held upright):
+    frame i shows i as a barcode, a moving bar, and a marked bottom-left corner."""
+    height, width = size
+    frames = np.full((num_frames, height, width, 3), 60, np.uint8)
+    for i, image in enumerate(frames):
+        for bit in range(BITS):
+            if i >> bit & 1:
+                image[:16, 16 * bit : 16 * bit + 16] = 255
+        image[40:, (3 * i) % width] = (255, 0, 0)
+        image[-20:, :12] = (0, 0, 255)
+    return frames
+
+
+def write_frames(
+    path: Path,
+    frames: np.ndarray,
+    rotation: int = 0,
+    times: list[float] | None = None,
+    fps: int = 30,
+) -> Path:
+    """Write `frames` losslessly (H.264, qp 0, 4:4:4: every pixel decodes back, up to the
+    rounding of RGB -> YUV -> RGB) as they are displayed: stored turned clockwise by
+    `rotation` degrees, under a display matrix that turns them back. `times`: each frame's
+    presentation time in seconds (default: 1 / fps apart)."""
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=fps)
+    turns = rotation // 90
+    stream.height, stream.width = np.rot90(frames[0], -turns).shape[:2]
+    stream.pix_fmt, stream.options = "yuv444p", {"qp": "0"}
+    if rotation:
+        stream.set_display_rotation(rotation)
+    if times is not None:
+        stream.codec_context.time_base = Fraction(1, 1000)
+    for i, image in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(image, -turns)), "rgb24")
+        if times is not None:
+            frame.pts, frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("clips")
@@ -73,7 +120,8 @@ def clips(tmp_path_factory) -> dict[str, Path]:
 )
 def test_probe_reports_count_rate_and_size(clips, backend, name, frames, fps):
     info = probe(clips[name], backend=backend)
-    assert info == VideoInfo(clips[name], frames, fps, 160, 96)
+    rotation = 0 if backend == "av" else None  # decord turns frames without saying by how much
+    assert info == VideoInfo(clips[name], frames, fps, 160, 96, rotation)
     assert info.duration == pytest.approx(frames / fps)
 
 
@@ -200,3 +248,50 @@ def test_timeline_and_read_frames_together(clips):
     assert len(indices) == 30
     frames = read_frames(clips["h264"], indices[stored_frames(len(indices))])
     assert barcode(frames) == indices[stored_frames(len(indices))].tolist()
+
+
+@pytest.mark.parametrize("backend", ["av", "decord"])
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_a_rotated_clip_decodes_as_displayed(tmp_path, backend, rotation):
+    shown = upright_frames(12)
+    path = write_frames(tmp_path / f"rot{rotation}.mp4", shown, rotation)
+    info = probe(path, backend=backend)
+    assert (info.height, info.width) == (160, 128)
+    assert info.rotation == (rotation if backend == "av" else None)
+    upright = write_frames(tmp_path / "upright.mp4", shown)
+    expected = read_frames(upright, range(12), backend=backend)
+    assert np.abs(expected.astype(int) - shown).max() <= 1  # RGB -> YUV -> RGB rounding
+    np.testing.assert_array_equal(read_frames(path, range(12), backend=backend), expected)
+    np.testing.assert_array_equal(read_frames(path, [7, 2], backend=backend), expected[[7, 2]])
+    # Scaled to a size of the displayed frame (the tracks stage's --max-side): the scaler runs
+    # across the stored frame's rows where the upright one's runs along them.
+    small = read_frames(path, [0, 5], backend=backend, size=(64, 80))
+    assert small.shape == (2, 80, 64, 3)
+    scaled = read_frames(upright, [0, 5], backend=backend, size=(64, 80))
+    assert np.abs(small.astype(int) - scaled).max() <= 2
+
+
+def test_unevenly_timed_frames_are_picked_by_time(tmp_path):
+    # A screen recording: 1 s at 30 fps, then a still second (2 frames), then 1 s at 15 fps.
+    times = [i / 30 for i in range(30)] + [1.0, 1.5] + [2.0 + i / 15 for i in range(15)]
+    path = write_frames(tmp_path / "vfr.mp4", upright_frames(len(times)), times=times)
+    info = probe(path)
+    np.testing.assert_allclose(info.times, times, atol=1e-3)
+    picked = timeline(info)
+    instants = np.linspace(times[0], times[-1], len(picked))
+    shown = [max(i for i, t in enumerate(times) if t <= instant + 1e-6) for instant in instants]
+    assert picked.tolist() == shown
+    assert picked.tolist() != np.linspace(0, len(times) - 1, len(picked)).astype(int).tolist()
+    assert barcode(read_frames(path, picked)) == shown
+    assert probe(path, backend="decord").times == pytest.approx(times, abs=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["av", "decord"])
+def test_evenly_timed_frames_keep_the_index_time_base(clips, tmp_path, backend):
+    # Matroska's millisecond clock spaces 30 fps frames 33, 33, 34 ms apart: still even.
+    mkv = make_clip(tmp_path / "ms.mkv", 45, fps=30)
+    for path in (*clips.values(), mkv):
+        info = probe(path, backend=backend)
+        assert info.times is None
+        expected = np.linspace(0, info.num_frames - 1, round(info.duration * 10)).astype(int)
+        np.testing.assert_array_equal(timeline(info, native_suffixes=()), expected)

@@ -182,7 +182,7 @@ def tracks(
     ),
     max_side: int = typer.Option(
         512, help="Decode frames with their longer side at most this many px (0: native size); "
-        "positions are stored in pixels of the video file either way."
+        "positions are stored in pixels of the displayed video either way."
     ),
     shard_size: int = SHARD_SIZE,
     shard_index: int | None = SHARD_INDEX,
@@ -278,6 +278,10 @@ def features(
     augment_ops: int = typer.Option(2, help="RandAugment ops per augmented view."),
     augment_magnitude: float = typer.Option(10.0, help="RandAugment magnitude (0..10)."),
     image_size: int = typer.Option(224, help="Frames are squashed to this size."),
+    max_side: int = typer.Option(
+        512, help="Decode frames with their longer side at most this many px, their shorter "
+        "side no smaller than --image-size (0: native size)."
+    ),
     mean: tuple[float, float, float] = typer.Option(CLIP_MEAN, help="Normalisation mean (RGB)."),
     std: tuple[float, float, float] = typer.Option(CLIP_STD, help="Normalisation std (RGB)."),
     shard_size: int = SHARD_SIZE,
@@ -308,6 +312,7 @@ def features(
             augment=AugmentConfig(num_ops=augment_ops, magnitude=augment_magnitude),
             preprocess=Preprocess(image_size, tuple(mean), tuple(std)),
             shard_size=shard_size,
+            max_side=max_side or None,
         )
         rows = read_manifest(manifest, video_root)
         summary = extract_features(

@@ -40,17 +40,20 @@ MAX_TRIES = 2  # a row is decoded in at most this many processes that die on it
 
 @dataclass
 class Loaded:
-    """A decoded row (`data`), or why it could not be decoded (`error`)."""
+    """A decoded row (`data`), or why it could not be decoded (`error`); `rotation`: the
+    display rotation its frames were turned by, where the loader's data says (see `load`)."""
 
     row: VideoRow
     data: Any = None
     error: str | None = None
     seconds: float = 0.0
     source: SourceStamp | None = None
+    rotation: int | None = 0
 
 
 def load(loader: Callable[[VideoRow], Any], row: VideoRow) -> Loaded:
-    """Run `loader` on `row`; any error becomes the row's error message, naming the file."""
+    """Run `loader` on `row`; any error becomes the row's error message, naming the file.
+    Data with a `rotation` attribute (decoded frames) passes it on, for the row's record."""
     tic = time.perf_counter()
     source = stamp(row.path)
     try:
@@ -59,7 +62,8 @@ def load(loader: Callable[[VideoRow], Any], row: VideoRow) -> Loaded:
         if not isinstance(error, VideoError):  # VideoError names the file itself
             error = f"{row.path}: {type(error).__name__}: {error}"
         return Loaded(row, error=str(error), seconds=time.perf_counter() - tic, source=source)
-    return Loaded(row, data, seconds=time.perf_counter() - tic, source=source)
+    rotation = getattr(data, "rotation", 0)
+    return Loaded(row, data, seconds=time.perf_counter() - tic, source=source, rotation=rotation)
 
 
 @dataclass

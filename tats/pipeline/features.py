@@ -8,6 +8,14 @@ on every read; here training draws one of the V views per read (view 0 included)
 trains without augmentation, and every view costs one more backbone pass and one more grid of
 features on disk per training video. Val and test videos are read at view 0 only, so they get
 view 0 alone (their other views stay empty: zeros, seed -1, no bytes on disk).
+
+Frames are decoded no larger than `max_side` (aspect kept), but never with their shorter side
+below the backbone's input size, so that the backbone's resize to `size` x `size` still only
+shrinks: memory per clip is bounded (a 4K clip is decoded at 512 x 288, not 3840 x 2160), and
+a clip the bound does not bite is decoded, augmented and encoded exactly as without it. Where
+it bites, the frames are resized twice (area interpolation in the decoder, then the backbone's
+antialiased bilinear resize), and augmented at the decoded size: features then differ a little
+from those of full-size frames (measured in benchmarks/bench_features_memory.py).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from tats.pipeline.backbones import Backbone, Preprocess, create_backbone
 from tats.pipeline.executors import extract
 from tats.pipeline.runner import RunSummary
 from tats.stores import FEATURES, RowStore, features_fields
-from tats.video import probe, read_frames, stored_frames, timeline
+from tats.video import decode_size, probe, read_frames, stored_frames, timeline
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,28 @@ class FeaturesConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     preprocess: Preprocess = field(default_factory=Preprocess)
     shard_size: int = 64
+    max_side: int | None = 512  # decode frames with their longer side at most this (px)
 
     def __post_init__(self) -> None:
         for name in ("frames", "views", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_side is not None and self.max_side < self.preprocess.size:
+            raise ValueError(
+                f"max_side must be at least the input size {self.preprocess.size}, "
+                f"not {self.max_side}"
+            )
+
+
+@dataclass(frozen=True)
+class Views:
+    """A video's views of its stored frames, as the decode workers hand them over."""
+
+    clips: np.ndarray  # [V, S, H, W, 3] uint8: view 0 plain, the others augmented
+    frames: np.ndarray  # [S] the stored frames on the time base
+    num_frames: np.int32  # T, frames on the time base
+    view_seed: np.ndarray  # [V] int64
+    rotation: int | None  # the display rotation decoding applied (see `VideoInfo`)
 
 
 @dataclass(frozen=True)
@@ -52,20 +77,23 @@ class ViewsLoader:
 
     config: FeaturesConfig
 
-    def __call__(self, row: VideoRow) -> dict[str, np.ndarray]:
+    def __call__(self, row: VideoRow) -> Views:
         c = self.config
-        native = timeline(probe(row.path), c.fps, c.native_suffixes)
+        info = probe(row.path)
+        native = timeline(info, c.fps, c.native_suffixes)
         frames_on_time_base = stored_frames(len(native), c.frames)
-        clip = read_frames(row.path, native[frames_on_time_base])
+        size = decode_size(info.width, info.height, c.max_side, c.preprocess.size)
+        clip = read_frames(row.path, native[frames_on_time_base], size=size)
         # Only training reads augmented views: val and test rows get view 0 alone.
         views = c.views if row.split == "train" else 1
         seeds = np.array([view_seed(row.video_id, v) for v in range(views)], np.int64)
-        return {
-            "clips": np.stack([augment_clip(clip, int(s), c.augment) for s in seeds]),
-            "frames": frames_on_time_base.astype(np.int32),
-            "num_frames": np.int32(len(native)),
-            "view_seed": seeds,
-        }
+        return Views(
+            np.stack([augment_clip(clip, int(s), c.augment) for s in seeds]),
+            frames_on_time_base.astype(np.int32),
+            np.int32(len(native)),
+            seeds,
+            info.rotation,
+        )
 
 
 class FeaturesStage:
@@ -75,10 +103,10 @@ class FeaturesStage:
         self.config, self.backbone, self.batch_size = config, backbone, batch_size
         self.loader = ViewsLoader(config)
 
-    def compute(self, rows: list[VideoRow], loaded: list[dict]) -> list[dict[str, np.ndarray]]:
+    def compute(self, rows: list[VideoRow], loaded: list[Views]) -> list[dict[str, np.ndarray]]:
         # Clips of one batch may differ in size; each is resized on the device, then all of
         # them go through the backbone in one forward.
-        clips = [item["clips"] for item in loaded]  # each [V, S, H, W, 3]
+        clips = [item.clips for item in loaded]  # each [V, S, H, W, 3]
         features = self.backbone.encode([c.reshape(-1, *c.shape[2:]) for c in clips])
         features = features.to("cpu", torch.float16).numpy()
         out, start = [], 0
@@ -90,9 +118,9 @@ class FeaturesStage:
             )
             start += count
             seeds = np.full(self.config.views, -1, np.int64)
-            seeds[: len(clip)] = item["view_seed"]
-            out.append({**{k: item[k] for k in ("frames", "num_frames")}, "view_seed": seeds,
-                        "features": grids})  # fmt: skip
+            seeds[: len(clip)] = item.view_seed
+            out.append({"frames": item.frames, "num_frames": item.num_frames,
+                        "view_seed": seeds, "features": grids})  # fmt: skip
         return out
 
 

@@ -40,6 +40,9 @@ class UnitRecord:
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     attempt: int = 1
     sources: dict[int, SourceStamp] = field(default_factory=dict)  # row -> video file stamp
+    # row -> display rotation its frames were turned by (degrees; None: by decord, unreported);
+    # rows of upright videos are left out
+    rotations: dict[int, int | None] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -54,6 +57,7 @@ class UnitRecord:
         data["done"] = {int(row): digest for row, digest in data["done"].items()}
         data["failed"] = [Failure(**f) for f in data["failed"]]
         data["sources"] = {int(r): SourceStamp(*s) for r, s in data.get("sources", {}).items()}
+        data["rotations"] = {int(r): d for r, d in data.get("rotations", {}).items()}
         return cls(**data)
 
 

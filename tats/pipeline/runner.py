@@ -286,6 +286,7 @@ def _run_unit(
     buffers = store.empty_rows(len(shard)) if record is None else store.read_rows(shard)
     done = dict(record.done) if record else {}
     stamps = dict(record.sources) if record else {}
+    rotations = dict(record.rotations) if record else {}
     failed: list[Failure] = []
     while batch := list(islice(loaded, stage.batch_size)):
         seconds["decode"] += sum(item.seconds for item in batch)
@@ -315,6 +316,8 @@ def _run_unit(
             done[item.row.row] = row_digest(buffers, item.row.row - shard.start)
             if item.source is not None:
                 stamps[item.row.row] = item.source
+            if item.rotation != 0:
+                rotations[item.row.row] = item.rotation
         seconds["compute"] += time.perf_counter() - tic
         bar.update(len(batch))
         if failed:
@@ -328,6 +331,7 @@ def _run_unit(
         seconds={k: round(v, 3) for k, v in seconds.items()},
         attempt=record.attempt + 1 if record else 1,
         sources={r: stamps[r] for r in sorted(done) if r in stamps},
+        rotations={r: rotations[r] for r in sorted(done) if r in rotations},
     )
     return buffers, result
 

@@ -6,7 +6,8 @@ before its query frame, drop redundant points, draw the video's fixed 256-subset
 positions and visibility at the S frames training uses.
 
 Frames are decoded no larger than `max_side` (the tracker's model width by default), so that
-memory per clip is bounded; positions are stored in pixels of the video file all the same.
+memory per clip is bounded; positions are stored in pixels of the video's frames as displayed
+(full size, the container's display rotation applied) all the same.
 
 `queries="semantic"` picks the query points as Trokens does instead (`semantic.py`: clusters
 of the clustering backbone's patch features, points spread over each cluster's mask at its
@@ -86,13 +87,15 @@ class TracksConfig:
 
 @dataclass(frozen=True)
 class Clip:
-    """A decoded clip: frames (T, h, w, 3) at most `max_side`, and the video's (H, W)."""
+    """A decoded clip: frames (T, h, w, 3) at most `max_side`, the video's displayed (H, W),
+    and the display rotation decoding applied (see `VideoInfo`)."""
 
     frames: np.ndarray
     source_size: tuple[int, int]
+    rotation: int | None = 0
 
     def to_source(self, xy: np.ndarray) -> np.ndarray:
-        """(x, y) pixels of the decoded frames -> pixels of the video file."""
+        """(x, y) pixels of the decoded frames -> pixels of the video's displayed frames."""
         h, w = self.frames.shape[1:3]
         height, width = self.source_size
         return xy * np.array([(width - 1) / (w - 1), (height - 1) / (h - 1)], np.float32)
@@ -110,7 +113,7 @@ class ClipLoader:
         info = probe(row.path)
         size = decode_size(info.width, info.height, self.max_side)
         frames = read_frames(row.path, timeline(info, self.fps, self.native_suffixes), size=size)
-        return Clip(frames, (info.height, info.width))
+        return Clip(frames, (info.height, info.width), info.rotation)
 
 
 def track_clips(
