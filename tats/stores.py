@@ -1,10 +1,19 @@
 """The two Zarr v3 stores that stage one writes and training reads.
 
-Every array's first axis is the row of the dataset manifest, a chunk holds one video, and a
-shard holds `shard_size` videos. Writers write whole shards only: Zarr rewrites a shard file
-on every write into it, and writes it atomically (a temporary `*.partial` file, then a rename;
-Zarr 3.1.3 and later), so a shard on disk is always either its old or its new self. After a
-shard is written its files and folders are fsynced, before the unit's ledger record.
+Every array's first axis is the row of the dataset manifest, and a shard holds `shard_size`
+videos: one file per array per shard, named `c.<shard>.0...` beside the array's zarr.json (the
+"." chunk-key separator: no folder per shard). In the large arrays a chunk holds one video (a
+reader of one clip decodes only that); the small per-row arrays are one chunk per shard, so
+reading one of them for every row decodes one chunk per shard (`RowStore.read_field`).
+Writers write whole shards only: Zarr rewrites a shard file on every write into it, and writes
+it atomically (a temporary `*.partial` file, then a rename; Zarr 3.1.3 and later), so a shard
+on disk is always either its old or its new self. After a shard is written its files and
+folders are fsynced, before the unit's ledger record.
+
+The ledger and leases folders live inside the store; the group's consolidated metadata lists
+its arrays, so zarr lists the arrays without looking at (and warning about) those folders.
+Stores of schema version 2 (before: "/" chunk keys, a folder per shard, every chunk one row)
+are read and resumed as they are.
 
 A store is created once for a (manifest, stage config) pair, with fixed shapes, and the pair
 is recorded in its attributes; opening it for writing with anything else is an error that
@@ -19,6 +28,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +36,13 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.errors import ZarrUserWarning
 
 import tats
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: folders per shard, one row per chunk in every array
+CHUNK_KEYS = {"name": "default", "separator": "."}
 # Zarr writes shard files atomically (temporary file, then rename) from 3.1.3 on; before, a kill
 # or a full disk mid-write left a truncated shard that read back as fill values, silently.
 ZARR_ATOMIC_WRITES = (3, 1, 3)
@@ -61,17 +74,29 @@ class Field:
     """One array of a store: its shape and dtype per row, and its value in unwritten rows.
 
     A chunk holds one row, or the first `split` axes of a row go one index per chunk (a
-    features chunk is one view of one video, so a reader of one view decodes only that).
+    features chunk is one view of one video, so a reader of one view decodes only that), or,
+    `per_shard`, the whole shard (small per-row fields, read for many rows at once).
     """
 
     shape: tuple[int, ...]
     dtype: str
     fill: Any = 0
     split: int = 0
+    per_shard: bool = False
 
     @property
     def chunk(self) -> tuple[int, ...]:
         return (1,) * self.split + self.shape[self.split :]
+
+    def spec(self) -> dict:
+        """As recorded in a store's attributes."""
+        return {"shape": list(self.shape), "dtype": self.dtype, "fill": self.fill,
+                "split": self.split, "per_shard": self.per_shard}  # fmt: skip
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Field:
+        return cls(tuple(spec["shape"]), spec["dtype"], spec["fill"], spec["split"],
+                   spec.get("per_shard", False))  # fmt: skip
 
 
 def tracks_fields(frames: int, points: int, subset: int) -> dict[str, Field]:
@@ -81,16 +106,16 @@ def tracks_fields(frames: int, points: int, subset: int) -> dict[str, Field]:
         "positions": Field((frames, points, 2), "float32"),
         "visible": Field((frames, points), "bool", False),
         # True for the points the redundancy filter kept; they come first, padding after.
-        "valid": Field((points,), "bool", False),
-        "query_frame": Field((points,), "int32", -1),
+        "valid": Field((points,), "bool", False, per_shard=True),
+        "query_frame": Field((points,), "int32", -1, per_shard=True),
         # Semantic queries: each point's cluster (0 = the largest); -1 for grid queries.
-        "cluster": Field((points,), "int32", -1),
+        "cluster": Field((points,), "int32", -1, per_shard=True),
         # Indices into the point axis, in draw order; -1 pads clips with fewer points.
-        "subset": Field((subset,), "int32", -1),
-        "frames": Field((frames,), "int32", -1),
+        "subset": Field((subset,), "int32", -1, per_shard=True),
+        "frames": Field((frames,), "int32", -1, per_shard=True),
         # Frames on the track time base; 0 marks a row that holds no data.
-        "num_frames": Field((), "int32", 0),
-        "frame_size": Field((2,), "int32", 0),
+        "num_frames": Field((), "int32", 0, per_shard=True),
+        "frame_size": Field((2,), "int32", 0, per_shard=True),
     }
 
 
@@ -98,9 +123,9 @@ def features_fields(views: int, frames: int, grid: int, dim: int) -> dict[str, F
     """features.zarr: patch grids of `views` views of the stored frames."""
     return {
         "features": Field((views, frames, grid, grid, dim), "float16", split=1),
-        "frames": Field((frames,), "int32", -1),
-        "num_frames": Field((), "int32", 0),
-        "view_seed": Field((views,), "int64", -1),
+        "frames": Field((frames,), "int32", -1, per_shard=True),
+        "num_frames": Field((), "int32", 0, per_shard=True),
+        "view_seed": Field((views,), "int64", -1, per_shard=True),
     }
 
 
@@ -114,9 +139,9 @@ class RowStore:
         self.schema: str = self.attrs["schema"]
         self.num_rows: int = self.attrs["num_rows"]
         self.shard_size: int = self.attrs["shard_size"]
+        self.version: int = self.attrs["schema_version"]
         self.fields: dict[str, Field] = {
-            name: Field(tuple(spec["shape"]), spec["dtype"], spec["fill"], spec["split"])
-            for name, spec in self.attrs["fields"].items()
+            name: Field.from_spec(spec) for name, spec in self.attrs["fields"].items()
         }
         self._arrays = {name: group[name] for name in self.fields}
 
@@ -132,10 +157,10 @@ class RowStore:
             raise StoreError(f"{path}: not a tats store (schema {found!r})")
         if schema is not None and found != schema:
             raise StoreError(f"{path}: holds {found}, not {schema}")
-        if group.attrs.get("schema_version") != SCHEMA_VERSION:
+        if group.attrs.get("schema_version") not in READABLE_VERSIONS:
             raise StoreError(
                 f"{path}: schema version {group.attrs.get('schema_version')}, "
-                f"this tats reads version {SCHEMA_VERSION}"
+                f"this tats reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         return cls(path, group)
 
@@ -175,14 +200,16 @@ class RowStore:
         tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
         group = zarr.open_group(str(tmp), mode="w-")
         for name, field in fields.items():
+            whole = (shard_size, *field.shape)
             group.create_array(
                 name,
                 shape=(num_rows, *field.shape),
-                chunks=(1, *field.chunk),
-                shards=(shard_size, *field.shape),
+                chunks=whole if field.per_shard else (1, *field.chunk),
+                shards=None if field.per_shard else whole,
                 dtype=field.dtype,
                 fill_value=field.fill,
                 compressors=ZstdCodec(level=3),
+                chunk_key_encoding=CHUNK_KEYS,
             )
         group.attrs.update(
             {
@@ -190,19 +217,14 @@ class RowStore:
                 "schema_version": SCHEMA_VERSION,
                 "num_rows": num_rows,
                 "shard_size": shard_size,
-                "fields": {
-                    name: {
-                        "shape": list(f.shape),
-                        "dtype": f.dtype,
-                        "fill": f.fill,
-                        "split": f.split,
-                    }
-                    for name, f in fields.items()
-                },
+                "fields": {name: f.spec() for name, f in fields.items()},
                 "provenance": _jsonable(provenance),
                 "created_by": f"tats {tats.__version__}",
             }
         )
+        with warnings.catch_warnings():  # "not part of the Zarr 3 specification (yet)"
+            warnings.simplefilter("ignore", ZarrUserWarning)
+            zarr.consolidate_metadata(str(tmp))
         (tmp / "ledger").mkdir()
         try:
             os.rename(tmp, path)
@@ -239,6 +261,22 @@ class RowStore:
         """A contiguous slice of rows (a shard), for rewriting it."""
         return {name: arr[rows.start : rows.stop] for name, arr in self._arrays.items()}
 
+    def read_field(self, name: str, rows: range | None = None) -> np.ndarray:
+        """One field for `rows` (default: all), read a block of whole shards at a time: a
+        per-shard field (num_frames, frames, frame_size, subset, ...) costs one chunk decode
+        per shard, whatever the row count (a version-2 store: one per row)."""
+        rows = range(self.num_rows) if rows is None else rows
+        field, array = self.fields[name], self._arrays[name]
+        out = np.empty((len(rows), *field.shape), dtype=field.dtype)
+        row_bytes = max(1, int(np.prod(field.shape, dtype=np.int64)) * out.itemsize)
+        block = self.shard_size * max(1, (32 << 20) // (row_bytes * self.shard_size))
+        start = rows.start
+        while start < rows.stop:
+            stop = min((start // block + 1) * block, rows.stop)
+            out[start - rows.start : stop - rows.start] = array[start:stop]
+            start = stop
+        return out
+
     def empty_rows(self, count: int) -> dict[str, np.ndarray]:
         """Buffers for `count` rows, filled with every field's fill value."""
         return {
@@ -261,9 +299,8 @@ class RowStore:
         for shard in range(rows.start // self.shard_size, -(-rows.stop // self.shard_size)):
             for name, field in self.fields.items():
                 array_dir = self.path / name
-                path = array_dir / "c" / str(shard)
-                for _ in field.shape:
-                    path = path / "0"
+                key = (shard,) + (0,) * len(field.shape)
+                path = array_dir / self._arrays[name].metadata.encode_chunk_key(key)
                 if path.exists():  # Zarr deletes the file of a shard that holds only fill
                     fsync(path)
                 folder = path.parent
@@ -279,7 +316,7 @@ class RowStore:
         records and lease files, half-made stores beside this one) once it is `older_than`
         seconds old, so that no live writer's file is touched. Returns what was removed."""
         now, removed = time.time(), []
-        candidates = [p for name in self.fields for p in (self.path / name).rglob("*.partial")]
+        candidates = [p for name in self.fields for p in _partials(self.path / name)]
         candidates += list(self.ledger_dir.glob(".unit-*.tmp"))
         asides = (".new", ".taken", ".released")  # lease files of a claim, takeover or release
         candidates += [p for p in self.lease_dir.glob(".unit-*") if p.suffix in asides]
@@ -296,6 +333,23 @@ class RowStore:
             except FileNotFoundError:
                 pass  # removed by another worker meanwhile
         return removed
+
+
+def _partials(array_dir: Path) -> list[Path]:
+    """Zarr's temporary files in an array's folder: one folder read for a store of version 3
+    (shard files lie in the array's folder); the whole tree below it where there are folders
+    (version 2, or debris in them)."""
+    found = []
+    try:
+        entries = list(os.scandir(array_dir))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if entry.name.endswith(".partial"):
+            found.append(Path(entry.path))
+        elif entry.is_dir(follow_symlinks=False):
+            found += Path(entry.path).rglob("*.partial")
+    return found
 
 
 def fsync(path: Path) -> None:

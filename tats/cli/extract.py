@@ -352,6 +352,8 @@ def status(store: Path = typer.Argument(..., help="A tracks or features store.")
         typer.echo(f"  failed row {f.row} ({f.video_id}): {f.error}")
     for lease in s.in_progress:
         typer.echo(f"  in progress: {lease}")
+    for lease in s.abandoned:
+        typer.echo(f"  dead holder (the next run takes it over): {lease}")
 
 
 @app.command()
@@ -360,6 +362,7 @@ def verify(
     allow_incomplete: bool = typer.Option(
         False, help="Accept pending units and failed videos (still listed): exit 0 if sound."
     ),
+    workers: int = typer.Option(1, help="Processes that read and check the units."),
     progress: bool = PROGRESS,
 ) -> None:
     """Check every row the ledger calls done (sound data, as written), that no other row holds
@@ -369,7 +372,7 @@ def verify(
 
     with input_errors():
         s = store_status(store)
-        problems = verify_store(store, progress)
+        problems = verify_store(store, progress, workers)
     for problem in problems:
         typer.echo(problem, err=True)
     if problems:

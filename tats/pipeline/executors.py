@@ -5,10 +5,13 @@ or backbone included) and open its store in any process, checking the store's pr
 there too. Both executors run units through `run_stage`, so leases, durable writes and the
 per-video bounds are the same everywhere.
 
-On Dask, each task runs one unit with one decoding process of its own (a decoder that crashes
-takes only that process down). A worker lost while holding a unit has its task retried once
-elsewhere (on the LocalCluster this module starts; a scheduler of your own retries as its
-`distributed.scheduler.allowed-failures` says); a unit whose task keeps killing its worker
+On Dask, the manifest is sent to each worker once (as one task's result; a unit's task holds
+only the recipe, the store's path and the options, so submitting one costs the same at a
+thousand rows and at a million), and each task runs one unit with one decoding process of its
+own (a decoder that crashes takes only that process down). A worker lost while holding a unit
+has its task retried once elsewhere (on the LocalCluster this module starts; a scheduler of
+your own retries as its `distributed.scheduler.allowed-failures` says); a unit whose task
+keeps killing its worker
 (`KilledWorker`) gets the video its worker was computing recorded as failed, from the dead
 holder's lease progress, and runs again without it. Any other error of a task is reported
 with its unit and stops the run as an infrastructure error once the other units are done.
@@ -27,7 +30,7 @@ from tqdm import tqdm
 
 from tats.manifest import Manifest
 from tats.pipeline.leases import read_lease, read_progress
-from tats.pipeline.ledger import Ledger
+from tats.pipeline.ledger import FINISHED, Ledger
 from tats.pipeline.plan import my_units, resolve_share, unit_order
 from tats.pipeline.runner import Blame, RunOptions, RunSummary, Stage, check_sources, run_stage
 from tats.stores import RowStore
@@ -90,28 +93,31 @@ def extract(
     share = my_units(num_units, index, count)
     order = unit_order(num_units, index, count)
     if executor == "dask":
-        check_sources(store, manifest, Ledger(store.ledger_dir), share)
+        with Ledger(store.ledger_dir) as ledger:
+            check_sources(store, manifest, ledger, share, ledger.snapshot(num_units))
         store.remove_debris(older_than=lease_timeout)
-        task = UnitTask(recipe, manifest, str(out), replace(options, workers=1, progress=False))
-        return run_on_dask(task, store, share, scheduler, progress, desc=f"{recipe.name} units")
+        task = UnitTask(recipe, str(out), replace(options, workers=1, progress=False))
+        return run_on_dask(
+            task, manifest, store, share, scheduler, progress, desc=f"{recipe.name} units"
+        )
     return run_stage(stage, store, manifest, order, options, recipe.name, share=share)
 
 
 @dataclass(frozen=True)
 class UnitTask:
     """One unit of a stage, as a Dask task (picklable), with what is known of the videos that
-    killed its earlier workers (`blame`)."""
+    killed its earlier workers (`blame`). The manifest comes as an argument: scattered once
+    to each worker, not pickled into every task."""
 
     recipe: Recipe
-    manifest: Manifest
     out: str
     options: RunOptions
     blame: Blame = Blame(record=True)
 
-    def __call__(self, unit: int) -> RunSummary:
+    def __call__(self, unit: int, manifest: Manifest) -> RunSummary:
         stage = build_stage(self.recipe)
-        store = self.recipe.open_store(self.out, self.manifest, stage)  # provenance checked
-        result = run_stage(stage, store, self.manifest, [unit], self.options, share=[],
+        store = self.recipe.open_store(self.out, manifest, stage)  # provenance checked
+        result = run_stage(stage, store, manifest, [unit], self.options, share=[],
                            blame=self.blame)  # fmt: skip
         # A dead holder's lease was waited for and taken over in `run_stage`, so a video that
         # kills worker after worker fails this same task again (`KilledWorker`). A unit left
@@ -123,13 +129,14 @@ class UnitTask:
 
 def run_on_dask(
     task: UnitTask,
+    manifest: Manifest,
     store: RowStore,
     units: Sequence[int],
     scheduler: str | None,
     progress: bool = True,
     desc: str = "units",
 ) -> RunSummary:
-    """Run `task(unit)` for every unit not finished, on the cluster at `scheduler`.
+    """Run `task(unit, manifest)` for every unit not finished, on the cluster at `scheduler`.
 
     `scheduler` is a scheduler address (tcp://host:8786, or a scheduler file path ending in
     .json), or `local` / `local:N` for a LocalCluster of N single-threaded worker processes.
@@ -140,10 +147,12 @@ def run_on_dask(
     from dask.distributed import Client, LocalCluster, as_completed
     from distributed import KilledWorker
 
-    ledger = Ledger(store.ledger_dir)
     summary = RunSummary()
-    todo = [u for u in range(len(store.shards())) if not _finished(ledger, u)]
-    todo = [u for u in units if u in todo] + [u for u in todo if u not in units]
+    with Ledger(store.ledger_dir) as ledger:
+        states = ledger.snapshot(len(store.shards()))
+    first = set(units)
+    todo = [u for u in units if states[u] != FINISHED]
+    todo += [u for u in range(len(states)) if states[u] != FINISHED and u not in first]
     if not todo:
         summary.units_skipped = len(store.shards())
         return summary
@@ -164,7 +173,10 @@ def run_on_dask(
     broken: list[str] = []
     retries: dict[int, UnitTask] = {}
     try:
-        futures = {client.submit(task, u, pure=False): u for u in todo}
+        # A task whose result is the manifest, not scattered data: a worker fetches it once
+        # and keeps it, and where every worker holding it died, the scheduler makes it again.
+        shipped = client.submit(_the, manifest, pure=False)
+        futures = {client.submit(task, u, shipped, pure=False): u for u in todo}
         with tqdm(total=len(todo), desc=desc, unit="unit", disable=not progress) as bar:
             pending = as_completed(futures)
             for future in pending:
@@ -185,7 +197,7 @@ def run_on_dask(
                         reason = "killed its Dask worker process repeatedly while computed"
                         blame = replace(blame, excluded={**blame.excluded, rows[0]: reason})
                     retry = retries[unit] = replace(retry, blame=blame)
-                    new = client.submit(retry, unit, pure=False)
+                    new = client.submit(retry, unit, shipped, pure=False)
                     futures[new] = unit
                     pending.add(new)
                     continue
@@ -194,7 +206,7 @@ def run_on_dask(
                     bar.update()
                     continue
                 if result.units_elsewhere:  # held by a live worker outside this run: try again
-                    new = client.submit(retries.get(unit, task), unit, pure=False)
+                    new = client.submit(retries.get(unit, task), unit, shipped, pure=False)
                     futures[new] = unit
                     pending.add(new)
                     continue
@@ -214,9 +226,8 @@ def run_on_dask(
     return summary
 
 
-def _finished(ledger: Ledger, unit: int) -> bool:
-    record = ledger.read(unit)
-    return record is not None and not record.failed
+def _the(manifest: Manifest) -> Manifest:
+    return manifest
 
 
 def _rows_in_flight(store: RowStore, unit: int) -> list[int]:

@@ -55,13 +55,20 @@ def _process_start(pid: int) -> int | None:
 
 
 def _alive(pid: int, start: int | None) -> bool:
-    """Whether process `pid` (started at `start`, if known) still runs on this host."""
+    """Whether process `pid` (started at `start`, if known) still runs on this host (a zombie,
+    killed and not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # another user's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return False
+    except (OSError, IndexError):
+        pass
     if start is None:
         return True
     return _process_start(pid) in (start, None)
@@ -87,6 +94,10 @@ class LeaseHolder:
     def local(self) -> bool:
         """On this host and in this PID namespace, where its pid can be checked."""
         return self.host == HOST and self.pid_namespace == _pid_namespace()
+
+    def gone(self) -> bool:
+        """Whether this holder is known to be dead: local, and its process is gone."""
+        return self.local and not _alive(self.pid, self.start)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.pid}"
@@ -178,9 +189,13 @@ class UnitLeases:
 
     def is_dead(self, lease: Lease) -> bool:
         """Whether a lease's holder stopped: its process is gone, or it stopped heartbeating."""
-        if lease.holder.local and not _alive(lease.holder.pid, lease.holder.start):
-            return True
-        return lease.age() > self.timeout
+        return lease.holder.gone() or lease.age() > self.timeout
+
+    def live_lease(self, unit: int) -> Lease | None:
+        """The lease of `unit` if a live worker holds it (a read, no claim): a unit found held
+        is passed over without the claim's write, link and delete."""
+        found = read_lease(self.path(unit))
+        return None if found is None or self.is_dead(found) else found
 
     def holder_of(self, unit: int) -> LeaseHolder | None:
         """Who holds `unit` now (None: nobody)."""

@@ -1,24 +1,39 @@
-"""Resumable progress: one record per finished work unit, inside the store.
+"""Resumable progress: one record per finished work unit, inside the store, and a map of them.
 
 A record is written after its shard is on disk (written and fsynced), to a temporary file that
 is fsynced and then renamed, and the folder is fsynced: a record exists only for a shard that
 is completely on disk, survives a power loss, and is always whole. It lists the rows done
 (with a digest of each row's data, which `verify` checks, and a stamp of each video file, which
 a resumed run checks), the rows that failed and why, timings and the host.
+
+`ledger/units.map` holds one byte per unit, written after the unit's record: 0 nothing known
+(no record, or one this map has not heard of), 1 finished, 1 + k finished with k failed rows
+(k capped at 254). So a process learns which units are finished from one read of the map and
+one listing of the folder, without opening a record: a resumed process opens only the records
+of its own share (their video stamps) and of the units it computes. The map is a hint that the
+records overrule: a unit marked finished whose record is gone (deleted to redo it) is pending,
+a unit with a record but no mark is read once and marked, and a claimed unit's record is read
+again before it is computed. A lost or stale byte therefore costs a record read, never a unit.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tats.pipeline.sources import SourceStamp
 from tats.stores import fsync
+
+MAP = "units.map"
+UNKNOWN, FINISHED = 0, 1
+_RECORD = re.compile(r"unit-(\d{6,})\.json")
 
 
 @dataclass(frozen=True)
@@ -61,11 +76,24 @@ class UnitRecord:
         return cls(**data)
 
 
+def state_of(record: UnitRecord | None) -> int:
+    """A unit's byte in the units map: 0 no record, 1 finished, 1 + k: k rows failed."""
+    if record is None:
+        return UNKNOWN
+    return FINISHED if not record.failed else 1 + min(len(record.failed), 254)
+
+
+def failed_in(state: int) -> int:
+    """Failed rows a map byte of a finished unit says (at least that many, capped)."""
+    return max(0, state - 1)
+
+
 class Ledger:
-    """The records of one store, one JSON file per finished unit."""
+    """The records of one store, one JSON file per finished unit, and their map."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self._map_fd: int | None = None
 
     def _path(self, unit: int) -> Path:
         return self.directory / f"unit-{unit:06d}.json"
@@ -76,6 +104,10 @@ class Ledger:
             return UnitRecord.from_json(path.read_text())
         except FileNotFoundError:
             return None
+
+    def has(self, unit: int) -> bool:
+        """Whether `unit` has a record (without reading it)."""
+        return self._path(unit).exists()
 
     def write(self, record: UnitRecord) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -89,11 +121,69 @@ class Ledger:
         finally:
             tmp.unlink(missing_ok=True)  # left only where the write failed (a full disk)
         fsync(self.directory)
+        self.mark(record.unit, state_of(record))
+
+    def mark(self, unit: int, state: int) -> None:
+        """Set `unit`'s byte in the map (after its record is on disk). Units own their byte,
+        so writers of different units never overwrite each other; not fsynced: a byte lost
+        in a power cut reads 0, which the record overrules."""
+        os.pwrite(self._map(), bytes([state]), unit)
+
+    def state(self, unit: int) -> int:
+        """`unit`'s byte in the map now (one read, no record opened)."""
+        return (os.pread(self._map(), 1, unit) or b"\0")[0]
+
+    def snapshot(self, num_units: int) -> bytearray:
+        """Every unit's map byte, checked against the records present (one read of the map,
+        one listing of the folder): 0 where there is no record. A record the map does not
+        know is read here, and marked."""
+        present = self.units_recorded()
+        states = bytearray(num_units)
+        states[:] = (os.pread(self._map(), num_units, 0) + bytes(num_units))[:num_units]
+        for unit in range(num_units):
+            if unit not in present:
+                states[unit] = UNKNOWN
+            elif states[unit] == UNKNOWN:
+                states[unit] = state_of(self.read(unit))
+                if states[unit] != UNKNOWN:
+                    self.mark(unit, states[unit])
+        return states
+
+    def units_recorded(self) -> set[int]:
+        """Units that have a record (one listing of the folder, no record opened)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return set()
+        return {int(m.group(1)) for name in names if (m := _RECORD.fullmatch(name))}
+
+    def iter_records(self) -> Iterator[UnitRecord]:
+        """Every record, in unit order, one at a time (a million rows' records need not fit
+        in memory at once)."""
+        for unit in sorted(self.units_recorded()):
+            record = self.read(unit)
+            if record is not None:
+                yield record
 
     def records(self) -> dict[int, UnitRecord]:
-        records = {}
-        for path in sorted(self.directory.glob("unit-*.json")):
-            record = UnitRecord.from_json(path.read_text())
-            records[record.unit] = record
-        return records
+        return {record.unit: record for record in self.iter_records()}
 
+    def _map(self) -> int:
+        if self._map_fd is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._map_fd = os.open(self.directory / MAP, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._map_fd
+
+    def close(self) -> None:
+        if self._map_fd is not None:
+            os.close(self._map_fd)
+            self._map_fd = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

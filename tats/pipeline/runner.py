@@ -5,8 +5,11 @@ into decoded input (frames) in a decoding process; its `compute` turns a batch o
 inputs into one row of arrays each, in this process (where the GPU is). Decoding runs ahead of
 compute (decoders.py), so the two overlap.
 
-Units are tried in the given order. Each is claimed with a lease (leases.py) first; a unit
-another live worker holds is skipped, a finished one too (the ledger is read after claiming).
+Units are tried in the given order. A unit the ledger's map calls finished is skipped without
+opening its record; a unit another live worker holds is passed over after a read of its lease
+(no claim attempt); any other is claimed with a lease (leases.py), and its record is read after
+claiming. So a process opens the records of its own share (their video stamps, checked first)
+and of the units it computes, and tries a claim only where it can win one.
 A unit's rows are gathered in memory; a background thread then checks that the lease is still
 ours, writes the shard, fsyncs it, writes the unit's ledger record and releases the lease,
 while the next unit computes. A rerun skips finished units and retries failed rows, and
@@ -29,8 +32,8 @@ from tqdm import tqdm
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline import sources
 from tats.pipeline.decoders import DecoderPool, Loaded
-from tats.pipeline.leases import DEFAULT_TIMEOUT, UnitLeases, read_lease
-from tats.pipeline.ledger import Failure, Ledger, UnitRecord
+from tats.pipeline.leases import DEFAULT_TIMEOUT, Lease, LeaseHolder, UnitLeases
+from tats.pipeline.ledger import FINISHED, Failure, Ledger, UnitRecord, failed_in, state_of
 from tats.stores import RowStore, StoreError, row_digest
 
 DEFAULT_VIDEO_TIMEOUT = 600.0
@@ -129,14 +132,29 @@ def run_stage(
     (default: `units`); an empty share also skips the sweep of killed runs' debris (a Dask
     task: its client did both for the whole store). `blame`: see `Blame`.
     """
-    ledger = Ledger(store.ledger_dir)
-    check_sources(store, manifest, ledger, units if share is None else share)
+    with Ledger(store.ledger_dir) as ledger:
+        return _run(stage, store, manifest, units, options, desc, share, blame, ledger)
+
+
+def _run(
+    stage: Stage,
+    store: RowStore,
+    manifest: Manifest,
+    units: Sequence[int],
+    options: RunOptions,
+    desc: str,
+    share: Sequence[int] | None,
+    blame: Blame,
+    ledger: Ledger,
+) -> RunSummary:
+    shards = store.shards()
+    states = ledger.snapshot(len(shards))
+    check_sources(store, manifest, ledger, units if share is None else share, states)
     if share is None or share:
         store.remove_debris(older_than=options.lease_timeout)
     summary = RunSummary()
     jobs: deque[_Job] = deque()
-    shards = store.shards()
-    pending = {u: _pending_rows(ledger.read(u), shards[u]) for u in units}
+    pending = {u: _pending_rows(states[u], shards[u]) for u in units}
     total = sum(pending.values())
     bar = tqdm(
         total=total, desc=desc, unit="video", disable=not (options.progress and total),
@@ -144,7 +162,7 @@ def run_stage(
     )  # fmt: skip
 
     with UnitLeases(store.lease_dir, options.lease_timeout) as leases:
-        claims = _Claims(shards, ledger, leases, summary, blame, bar, pending)
+        claims = _Claims(shards, ledger, leases, summary, blame, bar, pending, states)
 
         def claimed_rows(look: Iterator[_Job]) -> Iterator[VideoRow]:
             for job in look:
@@ -183,11 +201,19 @@ def _count(summary: RunSummary, job: _Job, record: UnitRecord | None) -> None:
     summary.failures += record.failed
 
 
+@dataclass(frozen=True)
+class _Busy:
+    """A unit another live worker holds, with its lease as read (None: gone meanwhile)."""
+
+    lease: Lease | None
+
+
 @dataclass
 class _Claims:
     """Claims a run's units. The first look claims the unfinished units in order and passes
-    over those another worker holds; the second look waits on those until each holder shows
-    it lives (a heartbeat: the unit is left to it), finishes the unit, or is found dead (the
+    over those another live worker holds (read from its lease: no claim attempt); the second
+    look waits on those until each holder shows it lives (its process, where it runs on this
+    host, or a heartbeat: the unit is left to it), finishes the unit, or is found dead (the
     unit is taken over). Without the wait, a task resubmitted while its killed predecessor's
     lease is still fresh would end "done" with that unit never computed."""
 
@@ -198,35 +224,41 @@ class _Claims:
     blame: Blame
     bar: tqdm
     pending: dict[int, int]
-    held: list[int] = field(default_factory=list)
+    states: bytearray  # the ledger's map, as read at the start (and learnt since)
+    held: dict[int, Lease | None] = field(default_factory=dict)
 
     def first_look(self, units: Sequence[int]) -> Iterator[_Job]:
         for unit in units:
             job = self._claim(unit)
             if isinstance(job, _Job):
                 yield job
-            elif job:
-                self._settle(unit, finished=True)
+            elif isinstance(job, _Busy):
+                self.held[unit] = job.lease
             else:
-                self.held.append(unit)
+                self._settle(unit, finished=True)
 
     def second_look(self) -> Iterator[_Job]:
-        # All held units at once: the heartbeat each lease had when first seen here; a later
-        # one shows that its holder lives.
-        seen = {unit: read_lease(self.leases.path(unit)) for unit in self.held}
-        step = max(0.05, min(2.0, self.leases.timeout / 60))
+        # The lease each held unit had when first seen here; a later heartbeat shows that its
+        # holder lives. A holder on another host can show it only by a heartbeat (every
+        # timeout / 6), so the leases are read a few times per heartbeat, not claimed.
+        seen = dict(self.held)
+        step = max(0.05, min(10.0, self.leases.timeout / 24))
         while seen:
             for unit in list(seen):
                 job = self._claim(unit)
-                if job is False:
-                    now, first = read_lease(self.leases.path(unit)), seen[unit]
+                if isinstance(job, _Busy):
+                    now, first = job.lease, seen[unit]
+                    if now is None:
+                        continue
                     if first is None:
                         seen[unit] = now
-                    elif now is not None and (
-                        now.holder != first.holder or now.heartbeat > first.heartbeat
+                    elif (
+                        now.holder.local  # its process was checked: alive
+                        or now.holder != first.holder
+                        or now.heartbeat > first.heartbeat
                     ):
                         del seen[unit]
-                        self._settle(unit, finished=False)
+                        self._settle(unit, finished=False, holder=now.holder)
                     continue
                 del seen[unit]
                 if isinstance(job, _Job):
@@ -236,26 +268,41 @@ class _Claims:
             if seen:
                 time.sleep(step)
 
-    def _claim(self, unit: int) -> _Job | bool:
-        """The claimed unit's job; True if it is finished, False if another worker holds it."""
-        if _finished(self.ledger.read(unit)):
+    def _finished(self, unit: int) -> bool:
+        """Finished, by the map (no record opened): at the start, or marked since."""
+        if self.states[unit] == FINISHED:
             return True
-        if not self.leases.claim(unit):
-            return False
+        if self.ledger.state(unit) == FINISHED and self.ledger.has(unit):
+            self.states[unit] = FINISHED
+            return True
+        return False
+
+    def _claim(self, unit: int) -> _Job | _Busy | bool:
+        """The claimed unit's job; True if it is finished; _Busy if another worker holds it."""
+        if self._finished(unit):
+            return True
+        lease = self.leases.live_lease(unit)
+        if lease is not None:
+            return _Busy(lease)
+        if not self.leases.claim(unit):  # claimed by another between the read and the claim
+            return _Busy(self.leases.live_lease(unit))
         record = self.ledger.read(unit)  # the previous holder may have finished it meanwhile
+        if state_of(record) != self.ledger.state(unit):
+            self.ledger.mark(unit, state_of(record))  # a byte lost, or a record restored
         if _finished(record):
             self.leases.release(unit)
+            self.states[unit] = FINISHED
             return True
         shard = self.shards[unit]
         rows = list(shard) if record is None else [f.row for f in record.failed]
         return _Job(unit, shard, rows, record, self.blame)
 
-    def _settle(self, unit: int, finished: bool) -> None:
+    def _settle(self, unit: int, finished: bool, holder: LeaseHolder | None = None) -> None:
         """Count a unit this process does not compute: finished, or left to a live holder."""
         if finished:
             self.summary.units_skipped += 1
         else:
-            self.summary.units_elsewhere.append(f"unit {unit} ({self.leases.holder_of(unit)})")
+            self.summary.units_elsewhere.append(f"unit {unit} ({holder})")
         self.bar.total -= self.pending[unit]  # counted at the start, not done here
         self.bar.refresh()
 
@@ -264,9 +311,10 @@ def _finished(record: UnitRecord | None) -> bool:
     return record is not None and not record.failed
 
 
-def _pending_rows(record: UnitRecord | None, shard: range) -> int:
-    """Rows of a unit still to compute: all of them, its failed ones, or none."""
-    return len(shard) if record is None else len(record.failed)
+def _pending_rows(state: int, shard: range) -> int:
+    """Rows of a unit still to compute, by its map byte: all of them, its failed ones, or
+    none."""
+    return len(shard) if not state else failed_in(state)
 
 
 def _run_unit(
@@ -376,10 +424,19 @@ def _compute(stage: Stage, items: list[Loaded]) -> list[dict[str, np.ndarray] | 
         return [r for item in items for r in _compute(stage, [item])]
 
 
-def check_sources(store: RowStore, manifest: Manifest, ledger: Ledger, units: Sequence[int]):
-    """Refuse to resume when video files of finished rows changed since they were written."""
+def check_sources(
+    store: RowStore,
+    manifest: Manifest,
+    ledger: Ledger,
+    units: Sequence[int],
+    states: bytes | None = None,
+) -> None:
+    """Refuse to resume when video files of finished rows changed since they were written.
+    `states`: the ledger's map (`Ledger.snapshot`): units without a record are not opened."""
     changed = []
     for unit in units:
+        if states is not None and not states[unit]:
+            continue
         record = ledger.read(unit)
         for row, recorded in (record.sources if record else {}).items():
             problem = sources.change(manifest.rows[row].path, recorded)

@@ -1,9 +1,12 @@
 """`tats-extract status` and `verify`: what a store's ledger and leases say, and whether its
-data agrees."""
+data agrees. Both read the ledger one record at a time; `verify` spreads the units over
+processes."""
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,8 @@ class StoreStatus:
     units_pending: int = 0
     videos_done: int = 0
     failures: list[Failure] = field(default_factory=list)
-    in_progress: list[str] = field(default_factory=list)  # pending units with a lease: who, since
+    in_progress: list[str] = field(default_factory=list)  # units with a live lease: who, since
+    abandoned: list[str] = field(default_factory=list)  # leases of holders known to be dead
 
     @property
     def videos_pending(self) -> int:
@@ -38,49 +42,84 @@ class StoreStatus:
 
 
 def store_status(path: str | Path) -> StoreStatus:
+    """Counts from the ledger (records read one at a time) and the leases present. A lease
+    whose holder ran on this host and PID namespace and whose process is gone is listed as
+    abandoned: the next run takes its unit over at once."""
     store = RowStore.open(path)
-    records = Ledger(store.ledger_dir).records()
     status = StoreStatus(store.path, store.schema, store.num_rows, len(store.shards()))
-    for unit in range(status.units):
-        record = records.get(unit)
-        lease = read_lease(store.lease_dir / f"unit-{unit:06d}.lease")
-        if lease is not None:
-            status.in_progress.append(
-                f"unit {unit}: {lease.holder}, claimed {time.time() - lease.claimed:.0f} s ago, "
-                f"last heartbeat {lease.age():.0f} s ago"
-            )
-        if record is None:
-            status.units_pending += 1
-            continue
+    recorded = 0
+    for record in Ledger(store.ledger_dir).iter_records():
+        recorded += 1
         status.videos_done += len(record.done)
         status.failures += record.failed
         if record.failed:
             status.units_failed += 1
         else:
             status.units_done += 1
+    status.units_pending = status.units - recorded
+    for lease_path in sorted(store.lease_dir.glob("unit-*.lease")):
+        lease = read_lease(lease_path)
+        if lease is None:
+            continue
+        since = (
+            f"unit {lease.unit}: {lease.holder}, claimed {time.time() - lease.claimed:.0f} s "
+            f"ago, last heartbeat {lease.age():.0f} s ago"
+        )
+        if lease.holder.gone():
+            status.abandoned.append(f"{since} (its process is gone)")
+        else:
+            status.in_progress.append(since)
     return status
 
 
 def done_rows(store: RowStore) -> np.ndarray:
     """Rows the ledger calls done, ascending: the only rows training may read."""
-    records = Ledger(store.ledger_dir).records()
-    return np.array(sorted(r for rec in records.values() for r in rec.done), dtype=np.int64)
+    rows = [r for rec in Ledger(store.ledger_dir).iter_records() for r in rec.done]
+    return np.array(sorted(rows), dtype=np.int64)
 
 
-def verify_store(path: str | Path, progress: bool = True) -> list[str]:
-    """Problems found (empty when the store is sound).
+def verify_store(path: str | Path, progress: bool = True, workers: int = 1) -> list[str]:
+    """Problems found (empty when the store is sound), in unit order.
 
     Every row the ledger calls done must hold sound data with the digest recorded when it was
-    written; every other row must hold nothing.
+    written; every other row must hold nothing. `workers` > 1: the units are verified by that
+    many processes, each reading its units' shards and records.
     """
     store = RowStore.open(path)
-    records = Ledger(store.ledger_dir).records()
-    problems = []
+    units = len(store.shards())
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, not {workers}")
+    # Batches of units small enough for a steady progress bar, large enough to amortise.
+    size = max(1, min(64, units // (workers * 8) or 1))
+    batches = [range(u, min(u + size, units)) for u in range(0, units, size)]
+    bar = tqdm(total=units, desc="verify", unit="unit", disable=not progress)
+    problems: list[str] = []
+    if workers == 1:
+        for batch in batches:
+            problems += _verify_units(store.path, batch)
+            bar.update(len(batch))
+    else:
+        # Spawned, not forked: zarr's event-loop thread does not survive a fork.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for batch, found in zip(batches, pool.map(_verify_units, [store.path] * len(batches),
+                                                      batches), strict=True):  # fmt: skip
+                problems += found
+                bar.update(len(batch))
+    bar.close()
+    return problems
+
+
+def _verify_units(path: Path, units: range) -> list[str]:
+    store = RowStore.open(path)
+    ledger = Ledger(store.ledger_dir)
     shards = store.shards()
-    for unit in tqdm(range(len(shards)), desc="verify", unit="unit", disable=not progress):
+    problems = []
+    for unit in units:
         shard = shards[unit]
         data = store.read_rows(shard)
-        done = records[unit].done if unit in records else {}
+        record = ledger.read(unit)
+        done = record.done if record is not None else {}
         for i, row in enumerate(shard):
             if row in done:
                 one = {name: value[i] for name, value in data.items()}
