@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tats.checkpoints import load_checkpoint
+from tats.checkpoints import check_stores_match, load_checkpoint
 from tats.episodes import EpisodeData, EpisodeKeys, EpisodeSpec, ReadOptions, SplitClasses
 from tats.fewshot import (
     accuracy_with_ci,
@@ -329,6 +329,7 @@ def evaluate(
     saved = state["config"]
     rt = Runtime.setup(device, inference_amp(saved["amp"], device), workers, saved["prefetch"])
     data = EpisodeData.open(tracks, features, manifest)
+    check_stores_match(state, data.tracks, data.features, Path(checkpoint))
     check_model_fits(ModelConfig(**state["model_config"]), data, Path(checkpoint))
     model = load_model(state, rt.device)
     spec = EpisodeSpec(way or saved["way"], shot or saved["shot"], queries or saved["test_queries"])

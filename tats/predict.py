@@ -13,7 +13,7 @@ preprocessing and stored frames. The tracker and backbone weights must be the sa
 
 The model then embeds every clip once (view 0, the stored point subset, as evaluation reads
 clips). A class's prototype is the mean of the tokens of all its support clips, as in training
-(any number of clips per class), and every query is matched against every class with the
+(any number of clips per class: kept as a running sum, a batch of clips at a time), and every query is matched against every class with the
 trained matching (tats/fewshot.py): predicted is the nearest class, and the softmax of minus
 the distances (the probabilities the training loss fits) is each class's score.
 
@@ -39,17 +39,18 @@ import numpy as np
 import torch
 
 from tats import viz
-from tats.checkpoints import load_checkpoint
+from tats.chain import extract_stages
+from tats.checkpoints import check_identity, load_checkpoint, recorded_stores
 from tats.episodes import EpisodeData, EpisodeWarning, ReadOptions
 from tats.evaluate import (
     EVAL_BATCH,
     check_model_fits,
-    embed_groups,
+    embed,
     evaluation_options,
     load_model,
     write_json,
 )
-from tats.fewshot import frame_embeddings, hausdorff_distances, prototype_frames
+from tats.fewshot import frame_embeddings, hausdorff_distances
 from tats.manifest import (
     ListedClip,
     ManifestError,
@@ -60,7 +61,7 @@ from tats.manifest import (
     write_manifest,
 )
 from tats.model import ModelConfig, TATsModel
-from tats.pipeline.executors import build_stage, extract
+from tats.pipeline.executors import build_stage
 from tats.pipeline.features import FeaturesConfig, FeaturesRecipe
 from tats.pipeline.ledger import Ledger
 from tats.pipeline.runner import RunSummary
@@ -70,12 +71,8 @@ from tats.runtime import Runtime, inference_amp
 from tats.stores import FEATURES, TRACKS, RowStore
 
 Config = typing.TypeVar("Config")
-# The identity field that holds the weights' digest, and the option that gives the weights.
-WEIGHTS = {
-    "tracker": ("checkpoint_sha256", "--tracker-checkpoint"),
-    "backbone": ("weights_sha256", "--weights"),
-    "clustering backbone": ("weights_sha256", "--cluster-weights"),
-}
+# Spreadsheets read a cell that starts with one of these as a formula: written with a ' first.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -153,15 +150,13 @@ def predict(
             raise ValueError(f"{name} must be at least 1, not {value}")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, not {workers}")
-    state = load_checkpoint(checkpoint)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: a file, not a folder; --out is the folder the stores and "
+                         "predictions go to")  # fmt: skip
+    state = load_checkpoint(checkpoint)  # checked whole: nothing is extracted for a bad one
     saved = state["config"]
     rt = Runtime.setup(device, inference_amp(saved["amp"], device), workers, saved["prefetch"])
-    recorded = state.get("data") or {}
-    if not all(isinstance(recorded.get(s), dict) for s in ("tracks", "features")):
-        raise ValueError(
-            f"{checkpoint}: the checkpoint does not record the stores it was trained on (made "
-            f"before tats predict); predicting needs their settings: train it with this tats"
-        )
+    recorded = recorded_stores(state, checkpoint)
     checker = RowChecker()  # video ids unique across both lists
     supports = read_clip_list(support, True, video_root, checker)
     queries = read_clip_list(query, False, video_root, checker)
@@ -169,6 +164,12 @@ def predict(
     for clip in queries:
         if clip.label and clip.label not in classes:
             raise ManifestError(f"{clip.where}: label {clip.label!r} has no clip in {support}")
+    if len(classes) == 1:
+        warnings.warn(
+            f"{support}: one class ({classes[0]!r}): every query is predicted as it, with score "
+            f"1.0; list clips of two or more classes to tell them apart",
+            stacklevel=2,
+        )
 
     # Nothing is written before both stages check out against the training stores.
     recipes = training_stages(
@@ -188,13 +189,7 @@ def predict(
         ),
     )  # fmt: skip
     manifest = write_videos(out, supports, queries)
-    extraction = {
-        recipe.name: extract(
-            recipe, manifest, out / f"{recipe.name}.zarr", workers=workers, progress=progress,
-            **run,
-        )
-        for recipe in recipes
-    }  # fmt: skip
+    extraction = extract_stages(recipes, manifest, out, workers=workers, progress=progress, **run)
     tracks_path, features_path = out / "tracks.zarr", out / "features.zarr"
     failed = failed_videos(manifest.rows, tracks_path, features_path)
     failed_ids = {f.video_id for f in failed}
@@ -280,6 +275,31 @@ def score_labelled(result: PredictResult) -> None:
     result.confusion = confusion
 
 
+class Prototypes:
+    """Class prototypes as running sums of their support clips' tokens: float32, added a clip
+    at a time in the order given, as `fewshot.prototype_frames` adds a stack of them, so the
+    two agree exactly. Memory holds one sum per class, however many clips a class has."""
+
+    def __init__(self) -> None:
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+
+    def add(self, c: int, tokens: torch.Tensor) -> None:
+        """Add the tokens [n, S, P, D] of n support clips of class c."""
+        for clip in tokens:
+            if c in self._sums:
+                self._sums[c] += clip
+            else:
+                self._sums[c] = clip.to(torch.float32, copy=True)
+            self._counts[c] = self._counts.get(c, 0) + 1
+
+    def frames(self, classes: int) -> torch.Tensor:
+        """The prototypes' frame embeddings [classes, S, D] (`fewshot.frame_embeddings`)."""
+        return torch.stack(
+            [frame_embeddings(self._sums[c] / self._counts[c]) for c in range(classes)]
+        )
+
+
 @torch.no_grad()
 def match(
     model: TATsModel,
@@ -291,19 +311,23 @@ def match(
     batch_clips: int = EVAL_BATCH,
 ) -> torch.Tensor:
     """Distances [Q, C] (float32, on the CPU) of the query clips to the classes, each class's
-    prototype made from all its support clips."""
-    chunks = [query_rows[i : i + batch_clips] for i in range(0, len(query_rows), batch_clips)]
-    groups = [np.array(rows, np.int64) for rows in class_rows + chunks]
-    num_frames, dim, c = data.num_frames, model.cfg.dim, len(class_rows)
-    class_frames = torch.zeros(c, num_frames, dim, device=rt.device)
-    query_frames = torch.zeros(len(query_rows), num_frames, dim, device=rt.device)
-    for g, tokens in embed_groups(model, data, groups, options, rt, batch_clips):
-        if g < c:
-            every = torch.arange(len(tokens), device=rt.device)[None]  # all its support clips
-            class_frames[g] = prototype_frames(tokens, every)[0]
-        else:
-            start = (g - c) * batch_clips
-            query_frames[start : start + len(tokens)] = frame_embeddings(tokens)
+    prototype made from all its support clips (`Prototypes`: a batch of clips at a time)."""
+    supports = [r for rows in class_rows for r in rows]
+    owner = np.repeat(np.arange(len(class_rows)), [len(rows) for rows in class_rows])
+    rows = np.array(supports + list(query_rows), np.int64)
+    prototypes, done = Prototypes(), 0
+    query_frames = torch.zeros(len(query_rows), data.num_frames, model.cfg.dim, device=rt.device)
+    for batch in rt.loader(data.clips(rows, options), batch_size=batch_clips):
+        with rt.autocast():
+            tokens = embed(model, rt.to_device(batch))
+        n = max(0, min(len(tokens), len(supports) - done))  # the batch's support clips
+        for c in np.unique(owner[done : done + n]):  # a class's clips are consecutive
+            at = np.flatnonzero(owner[done : done + n] == c)
+            prototypes.add(int(c), tokens[at[0] : at[-1] + 1])
+        start = max(0, done - len(supports))
+        query_frames[start : start + len(tokens) - n] = frame_embeddings(tokens[n:])
+        done += len(tokens)
+    class_frames = prototypes.frames(len(class_rows))
     return torch.cat([hausdorff_distances(q, class_frames).cpu() for q in query_frames.split(1024)])
 
 
@@ -333,50 +357,15 @@ def stage_config(cls: type[Config], values: dict, checkpoint: Path) -> Config:
                 return stage_config(option, value, checkpoint)
         return tuple(value) if isinstance(value, list) else value
 
-    config = cls(**{name: value_of(hints[name], value) for name, value in values.items()})
+    try:
+        config = cls(**{name: value_of(hints[name], value) for name, value in values.items()})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{checkpoint}: damaged checkpoint: its stores' {cls.__name__}: "
+                         f"{error}") from None  # fmt: skip
     rebuilt = json.loads(json.dumps(dataclasses.asdict(config)))
     if any(rebuilt[name] != value for name, value in values.items()):
         raise ValueError(f"{checkpoint}: cannot rebuild the {cls.__name__} of its stores: {values}")
     return config
-
-
-def check_identity(what: str, here: dict, recorded: dict, checkpoint: Path) -> None:
-    """The tracker or backbone built here must be the one the training stores record: the
-    same weights (SHA-256) and settings. Its library versions and the precision its device
-    implies (bf16 on CUDA, fp32 elsewhere) may differ, with a warning: the inputs then differ
-    by rounding."""
-    here = json.loads(json.dumps(here))
-    key, option = WEIGHTS[what]
-    if here.get(key) != recorded.get(key):
-        raise ValueError(
-            f"the {what} weights here (sha256 {here.get(key)}) are not those of the stores "
-            f"{checkpoint} was trained on (sha256 {recorded.get(key)}); give the same file "
-            f"with {option}"
-        )
-    here, recorded = _precision_apart(here), _precision_apart(recorded)
-    for name in sorted(set(here) | set(recorded)):
-        if here.get(name) == recorded.get(name):
-            continue
-        message = (
-            f"the {what}'s {name} here is {here.get(name)!r}, the stores {checkpoint} was "
-            f"trained on have {recorded.get(name)!r}"
-        )
-        if name not in ("implementation", "precision"):
-            hint = " (set it with --tracker-option)" if what == "tracker" else ""
-            raise ValueError(message + hint)
-        warnings.warn(message, stacklevel=2)
-
-
-def _precision_apart(identity: dict) -> dict:
-    """CoTracker3 names its precision inside its `mode` ("...; precision=bf16; ..."): move it
-    to a key of its own, so that a device change reads as the precision change it is."""
-    mode = identity.get("mode")
-    if not isinstance(mode, str) or "precision=" not in mode:
-        return identity
-    parts = mode.split("; ")
-    precision = [p.partition("=")[2] for p in parts if p.startswith("precision=")]
-    rest = "; ".join(p for p in parts if not p.startswith("precision="))
-    return {**identity, "mode": rest, "precision": precision[0] if precision else None}
 
 
 def write_videos(out: Path, supports: list[ListedClip], queries: list[ListedClip]):
@@ -428,7 +417,7 @@ def write_outputs(result: PredictResult, checkpoint: Path, state: dict) -> None:
     )
     for p in result.predictions:
         numbers = [f"{float(x):.9g}" for x in (*p.distances, *p.scores)]
-        writer.writerow([p.video_id, p.label, p.predicted, *numbers])
+        writer.writerow([*map(spreadsheet_safe, (p.video_id, p.label, p.predicted)), *numbers])
     _write_text(out / "predictions.csv", text.getvalue())
 
     failed_csv = out / "failed.csv"
@@ -436,7 +425,9 @@ def write_outputs(result: PredictResult, checkpoint: Path, state: dict) -> None:
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["video_id", "role", "path", "error"])
-        writer.writerows([f.video_id, f.role, str(f.path), f.error] for f in result.failed)
+        writer.writerows([spreadsheet_safe(str(cell)) for cell in (f.video_id, f.role, f.path,
+                                                                    f.error)]
+                         for f in result.failed)  # fmt: skip
         _write_text(failed_csv, text.getvalue())
     else:
         failed_csv.unlink(missing_ok=True)
@@ -455,6 +446,12 @@ def write_outputs(result: PredictResult, checkpoint: Path, state: dict) -> None:
         viz.plot_confusion(result.confusion, classes, out / "confusion.png")
     else:
         (out / "confusion.png").unlink(missing_ok=True)
+
+
+def spreadsheet_safe(text: str) -> str:
+    """`text` with a ' in front where a spreadsheet would run it as a formula (formula
+    injection: a video id "=HYPERLINK(...)"); other text unchanged."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def _write_text(path: Path, text: str) -> None:

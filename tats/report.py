@@ -7,7 +7,9 @@
 The report reads what a `tats run` folder holds: every training folder in it (a `metrics.json`
 with test results: `train/`, and e.g. an appearance-only `baseline/`), their plots, and
 `timings.json`; it draws the stored tracks of one test clip (`tats.viz.render_tracks`) into
-`report/`. Links are relative, so the folder reads the same on any Git host.
+`report/`. Links are relative, so the folder reads the same on any Git host. The manifest and
+stores are found from the folder's run.json (`tats.chain.run_inputs`): the report works from
+any directory, on a moved folder, and on a copy (whose own stores it reads).
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def read_timings(run_dir: str | Path) -> list[dict]:
         raise ValueError(f"{path}:{error.lineno}: {error.msg}") from None
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a list of timed stages")
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("stage"), str):
+            raise ValueError(f"{path}: entry {i} is not a timed stage ({{\"stage\": ...}})")
+        for key, what in (("started", "a Unix time"), ("seconds", "its duration")):
+            value = entry.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                found = "no" if value is None else f"{value!r} for its"
+                raise ValueError(
+                    f"{path}: entry {i} ({entry['stage']}) has {found} {key!r} ({what} in "
+                    f"seconds)"
+                )
     return entries
 
 
@@ -125,17 +138,25 @@ def write_report(
     chance level), the stored tracks of a test clip (`video_id`, default: the first test
     video), each model's curves and confusion matrix, and the time of each stage. `started`
     (a Unix time): also the wall time from then to now, and what no stage clock timed."""
+    from tats.chain import run_inputs
     from tats.manifest import read_manifest
     from tats.pipeline.status import done_rows
     from tats.stores import TRACKS, RowStore
     from tats.viz import render_tracks
 
     run_dir = Path(run_dir)
+    if (run_dir / REPORT).is_dir():
+        raise ValueError(f"{run_dir / REPORT}: a folder; the report is written as this file")
     models = trained_models(run_dir)
     if not models:
         raise FileNotFoundError(f"{run_dir}: no training folder with test results (metrics.json)")
     first = models[0]
-    manifest = read_manifest(first.config["manifest"])
+    inputs = run_inputs(run_dir)  # a `tats run` folder: paths resolved from the folder
+    if inputs is None:  # a tats-train folder: its config's paths
+        manifest = read_manifest(first.config["manifest"])
+        store = Path(first.config["tracks"])
+    else:
+        manifest, store = inputs.manifest, inputs.tracks
     test = first.test
     way, shot = test["way"], test["shot"]
     lines = [
@@ -168,7 +189,6 @@ def write_report(
     lines.append("")
     lines += _comparison(models)
 
-    store = Path(first.config["tracks"])
     if video_id is None:  # the first test video the tracks store holds
         done = set(done_rows(RowStore.open(store, TRACKS)).tolist())
         video_id = next((r.video_id for r in manifest.split_rows("test") if r.row in done), None)

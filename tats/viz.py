@@ -472,7 +472,7 @@ def render_episode(
     import cv2
     import torch
 
-    from tats.checkpoints import load_checkpoint
+    from tats.checkpoints import check_stores_match, load_checkpoint
     from tats.episodes import EpisodeData, EpisodeSpec
     from tats.evaluate import check_model_fits, embed, evaluation_options, load_model
     from tats.fewshot import class_prototypes, frame_distances, frame_embeddings
@@ -483,6 +483,7 @@ def render_episode(
     state = load_checkpoint(checkpoint)
     saved = state["config"]
     data = EpisodeData.open(tracks, features, manifest)
+    check_stores_match(state, data.tracks, data.features, Path(checkpoint))
     check_model_fits(ModelConfig(**state["model_config"]), data, Path(checkpoint))
     spec = EpisodeSpec(saved["way"], saved["shot"], saved["test_queries"])
     if not 0 <= query < spec.way * spec.queries:
