@@ -391,6 +391,50 @@ def verify(
     typer.echo(f"{store}: sound and complete")
 
 
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., help="A tracks or features store."),
+    b: Path = typer.Argument(..., help="A store of the same kind, made for the same manifest."),
+    max_px: float | None = typer.Option(
+        None, help="Tracks: exit 1 when the 99th-percentile distance is above this (px)."
+    ),
+    min_cosine: float | None = typer.Option(
+        None, help="Features: exit 1 when the 1st-percentile patch cosine is below this."
+    ),
+    worst: int = typer.Option(10, help="List this many videos furthest apart."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    manifest: Path | None = typer.Option(
+        None, "--manifest", "-m", help="The stores' manifest, to name the videos listed."
+    ),
+    progress: bool = PROGRESS,
+) -> None:
+    """Compare two stores of one manifest row by row, over the rows done in both. Tracks:
+    the distance in px between the positions of the same point where both call it visible
+    (mean, 99th percentile, max) and the visibility agreement. Features: the cosine of every
+    patch (mean, 1st percentile, min). Exit 0; 1 past --max-px / --min-cosine, when rows could
+    not be compared or none was; 2 for stores of different kinds or manifests."""
+    from tats.manifest import read_manifest
+    from tats.pipeline.diff import diff_stores, failures, report_lines
+    from tats.stores import TRACKS
+
+    with input_errors():
+        rows = None if manifest is None else read_manifest(manifest)
+        result = diff_stores(a, b, rows, progress)
+        if max_px is not None and result.kind != TRACKS:
+            raise ValueError("--max-px applies to tracks stores; use --min-cosine")
+        if min_cosine is not None and result.kind == TRACKS:
+            raise ValueError("--min-cosine applies to features stores; use --max-px")
+    reasons = failures(result, max_px, min_cosine)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(worst) | {"failures": reasons}, indent=1))
+    else:
+        for line in report_lines(result, worst):
+            typer.echo(line)
+    for reason in reasons:
+        typer.echo(f"diff: {reason}", err=True)
+    raise typer.Exit(SOME_FAILED if reasons else OK)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sbatch(
     ctx: typer.Context,
