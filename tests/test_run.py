@@ -1,9 +1,15 @@
-"""`tats run`: the whole chain in one command, and a rerun that resumes instead of redoing."""
+"""`tats run`: the whole chain in one command (a recipe's), a rerun that resumes instead of
+redoing, and a run folder that `tats report` reads from anywhere, moved or copied."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
 
 TATS = str(Path(sys.executable).parent / "tats")
 SMALL_MODEL = {
@@ -13,29 +19,109 @@ SMALL_MODEL = {
 }  # fmt: skip
 
 
-def test_run_chains_the_stages_and_resumes(synth_dataset, tmp_path):
-    config = tmp_path / "train.json"
-    config.write_text(json.dumps({**SMALL_MODEL, "way": 3}))
+@pytest.fixture(scope="module")
+def project(synth_dataset, tmp_path_factory):
+    """`tats run --recipe tats/k100` (16 stored frames) on a copy of the synthetic dataset, with
+    the weight-free tracker and backbone and a tiny model, as a user runs it: from the project
+    folder (`--manifest data/manifest.csv`, relative) into an absolute `--out`. The project is
+    then moved elsewhere: where the run was made no longer exists."""
+    made = tmp_path_factory.mktemp("made") / "project"
+    shutil.copytree(synth_dataset.parent, made / "data")
+    (made / "train.json").write_text(json.dumps({**SMALL_MODEL, "way": 3}))
     command = [
-        TATS, "run", "--manifest", str(synth_dataset), "--out", str(tmp_path / "run"),
-        "--tracker", "lk", "--grid", "6", "--backbone", "pixels", "--views", "2",
-        "--workers", "0", "--train-config", str(config), "--no-progress",
+        TATS, "run", "--recipe", "tats/k100", "--manifest", "data/manifest.csv", "--out",
+        str(made / "run"), "--tracker", "lk", "--grid", "6", "--backbone", "pixels", "--views",
+        "2", "--workers", "0", "--train-config", "train.json", "--no-progress",
     ]  # fmt: skip
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=made)
     assert first.returncode == 0, first.stderr
-    assert "tracks: 72 videos done" in first.stdout
-    assert "features: 72 videos done" in first.stdout
-    metrics = json.loads((tmp_path / "run" / "train" / "metrics.json").read_text())
-    assert metrics["test"]["episodes"] == 20 and len(metrics["history"]) == 2
-    assert (tmp_path / "run" / "train" / "plots" / "confusion.png").is_file()
-    weights = (tmp_path / "run" / "train" / "checkpoints" / "best.pt").read_bytes()
+    moved = tmp_path_factory.mktemp("moved") / "project"
+    shutil.move(made, moved)
+    return {"path": moved, "made": made, "command": command, "first": first}
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+def test_a_recipe_runs_the_chain_and_a_rerun_resumes(project, tmp_path):
+    run = project["path"] / "run"
+    stdout = project["first"].stdout
+    assert "tracks: 72 videos done" in stdout and "features: 72 videos done" in stdout
+    # The recipe's values where the command line and the file give none; theirs where they do.
+    record = json.loads((run / "run.json").read_text())
+    assert record["recipe"] == "tats/k100" and record["method"] == "tats"
+    tracks, features = record["stages"]["tracks"], record["stages"]["features"]
+    assert tracks["frames"] == features["frames"] == 16  # k100_longer_steps.yaml NUM_FRAMES
+    assert tracks["queries"] == "uniform:8" and tracks["grid"] == 6 and features["views"] == 2
+    train = record["trainings"]["train"]
+    assert (train["episodes"], train["epochs"], train["way"]) == (6, 2, 3)  # the file's
+    assert zarr.open_group(run / "tracks.zarr", mode="r")["positions"].shape[1] == 16
+    assert zarr.open_group(run / "features.zarr", mode="r")["features"].shape[2] == 16
+    metrics = json.loads((run / "train" / "metrics.json").read_text())
+    assert metrics["test"]["episodes"] == 20 and len(metrics["history"]) == 2
+    assert (run / "train" / "plots" / "confusion.png").is_file()
+    weights = (run / "train" / "checkpoints" / "best.pt").read_bytes()
+
+    # The same command in a copy of the project resumes every stage: nothing is redone.
+    copy = tmp_path / "project"
+    shutil.copytree(project["path"], copy)
+    command = [str(copy / "run") if a == str(project["made"] / "run") else a
+               for a in project["command"]]  # fmt: skip
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=copy)
     assert again.returncode == 0, again.stderr
     assert "tracks: 0 videos done, 0 failed in 0 units, 2 units already done" in again.stdout
     assert "features: 0 videos done, 0 failed in 0 units, 2 units already done" in again.stdout
     assert "resuming" in again.stdout
-    assert (tmp_path / "run" / "train" / "checkpoints" / "best.pt").read_bytes() == weights
+    assert (copy / "run" / "train" / "checkpoints" / "best.pt").read_bytes() == weights
+
+
+def report(run_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([TATS, "report", str(run_dir)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)  # fmt: skip
+
+
+def test_report_works_from_another_directory(project, tmp_path):
+    run = project["path"] / "run"
+    result = report(run, cwd=tmp_path)  # the manifest was given relative to the project
+    assert result.returncode == 0, result.stderr
+    text = (run / "report.md").read_text()
+    assert "72 videos of" in text and "![tracks of" in text
+
+
+def test_report_works_on_a_moved_run_folder(project):
+    # The project was moved after its run: the stores are not where they were made.
+    assert not project["made"].exists()
+    result = report(project["path"] / "run", cwd=project["path"])
+    assert result.returncode == 0, result.stderr
+    assert (project["path"] / "run" / "report" / "tracks.png").is_file()
+
+
+def test_report_on_a_copy_reads_the_copys_stores(project, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(project["path"], copy)
+    # The original back where it was made, with its tracks store damaged: a report that read
+    # the original's stores would fail (or draw the original's tracks).
+    shutil.copytree(project["path"], project["made"])
+    try:
+        shutil.rmtree(project["made"] / "run" / "tracks.zarr")
+        result = report(copy / "run", cwd=tmp_path)
+    finally:
+        shutil.rmtree(project["made"])
+    assert result.returncode == 0, result.stderr
+    assert (copy / "run" / "report" / "tracks.png").is_file()
+
+
+def test_report_finds_the_manifest_of_a_run_folder_moved_alone(project, tmp_path):
+    alone = tmp_path / "alone"
+    shutil.copytree(project["path"] / "run", alone)  # without the project's data beside it
+    result = report(alone, cwd=tmp_path)  # the manifest: at its absolute path
+    assert result.returncode == 0, result.stderr
+    # Without the manifest anywhere: one line naming where it was looked for, exit 2.
+    record = json.loads((alone / "run.json").read_text())
+    record["manifest_absolute"] = str(tmp_path / "gone" / "manifest.csv")
+    (alone / "run.json").write_text(json.dumps(record))
+    result = report(alone, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {alone / 'run.json'}: the run's manifest is not at")
+    assert "gone/manifest.csv (not found)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_run_method_presets_reach_the_tracks_and_the_trainer(synth_dataset, tmp_path):
@@ -64,3 +150,27 @@ def test_run_method_presets_reach_the_tracks_and_the_trainer(synth_dataset, tmp_
     assert "cluster sampling needs each point's cluster" in grid.stderr
     config = RowStore.open(tmp_path / "grid" / "tracks.zarr", TRACKS).provenance["config"]
     assert config["queries"] == "uniform:8"
+
+
+def test_the_chain_is_a_library_call(synth_dataset, tmp_path):
+    """`resolve_run` + `run_chain`: what the command does, without the command (two epochs of
+    nothing to train are not needed: a manifest too small to train stops after extraction)."""
+    from tats.chain import resolve_run, run_chain
+    from tats.manifest import read_manifest, write_manifest
+
+    manifest = tmp_path / "few.csv"
+    write_manifest([r for r in read_manifest(synth_dataset).rows if r.row % 12 == 0], manifest)
+    config = resolve_run(
+        manifest, tmp_path / "run", recipe="tats/ssv2_small", frames=4,
+        tracks={"tracker": "lk", "grid": 4}, features={"backbone": "pixels", "views": 1},
+        train={"way": 3}, workers=0, progress=False,
+    )  # fmt: skip
+    assert config.train.episodes == 2000 and config.tracks.frames == config.features.frames == 4
+    seen = []
+    with pytest.raises(ValueError, match="usable"):
+        run_chain(config, report=lambda stage, summary: seen.append((stage, summary.videos_done)))
+    assert seen == [("tracks", 6), ("features", 6)]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["manifest"] == "../few.csv" and record["tracks"] == "tracks.zarr"
+    positions = zarr.open_group(tmp_path / "run" / "tracks.zarr", mode="r")["positions"]
+    assert positions.shape[1] == 4 and np.isfinite(positions[:]).all()

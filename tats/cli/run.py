@@ -1,7 +1,9 @@
-"""`tats run`: tracks, features and training in one command, each resuming where it stopped."""
+"""`tats run`: tracks, features and training in one command, each resuming where it stopped;
+`tats recipes`: the published configurations it can run (tats/chain.py, tats/recipes.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -15,6 +17,14 @@ def run(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Run folder: tracks.zarr, features.zarr and train/ go here."
     ),
+    recipe: str | None = typer.Option(
+        None,
+        help="A published configuration (`tats recipes` lists them, e.g. trokens/hmdb) or a "
+        "recipe TOML file: its values where no option below is given.",
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the resolved config (JSON) and exit; no work."
+    ),
     video_root: Path | None = typer.Option(
         None, help="Folder that relative video paths start from [default: the manifest's folder]."
     ),
@@ -23,19 +33,24 @@ def run(
         help="tats [default] or trokens: sets --queries and the training options that make the "
         "method (tats-train --method), where not given.",
     ),
-    tracker: str = typer.Option("cotracker3", help="Point tracker: cotracker3, lk, ..."),
+    tracker: str | None = typer.Option(None, help="Point tracker: cotracker3 [default], lk, ..."),
     queries: str | None = typer.Option(
         None,
         help="Query points of the tracks: uniform:K (TATs: uniform:8, the default), semantic "
         "(Trokens: clusters of --backbone's features), beginning, middle, interval:k.",
     ),
     checkpoint: Path | None = typer.Option(None, help="Tracker weights [default: hub cache]."),
-    grid: int = typer.Option(16, help="Grid size G of the query grids."),
-    subset: int = typer.Option(256, help="Points in the fixed per-video subset training reads."),
-    backbone: str = typer.Option("dinov2_vitb14", help="Feature backbone: dinov2_*, pixels."),
+    grid: int | None = typer.Option(None, help="Grid size G of the query grids [16]."),
+    subset: int | None = typer.Option(
+        None, help="Points in the fixed per-video subset training reads [256]."
+    ),
+    frames: int | None = typer.Option(None, help="Stored frames S of both stages [8]."),
+    backbone: str | None = typer.Option(
+        None, help="Feature backbone: dinov2_vitb14 [default], dinov2_*, pixels."
+    ),
     weights: Path | None = typer.Option(None, help="Backbone weights [default: caches]."),
-    views: int = typer.Option(
-        5, help="Feature views per video: 1 plain + augmented ones, drawn from in training."
+    views: int | None = typer.Option(
+        None, help="Feature views per video: 1 plain + augmented ones, drawn from in training [5]."
     ),
     device: str = typer.Option("cpu", help="Device for extraction: cpu, cuda, ..."),
     workers: int = typer.Option(2, help="Decoding processes per extraction stage."),
@@ -57,59 +72,55 @@ def run(
 ) -> None:
     """Run the whole chain on a manifest; rerun the same command to resume it.
 
-    Extraction failures (unreadable videos) are listed and left out of training; the exit code
-    is then 1 (2: bad input, 3: the machine failed, 4: an error in tats itself, as for
-    `tats-extract`). Each stage's wall time is added to OUT/timings.json (`tats report` shows it).
+    Settings: the defaults, then --recipe, then --train-config, then the options given here
+    (each later one wins); OUT/run.json records them (--print-config shows them). Extraction
+    failures (unreadable videos) are listed and left out of training; the exit code is then 1
+    (2: bad input, 3: the machine failed, 4: an error in tats itself, as for `tats-extract`).
+    Each stage's wall time is added to OUT/timings.json (`tats report` shows it).
     """
-    from tats.manifest import read_manifest
-    from tats.methods import TRACKS_KEYS, with_method
-    from tats.pipeline.features import FeaturesConfig, extract_features
-    from tats.pipeline.semantic import SemanticConfig
-    from tats.pipeline.tracks import SEMANTIC, TracksConfig, extract_tracks
-    from tats.report import stage_clock
-    from tats.train import config_from_dict, read_config_file, train
+    from tats.chain import resolve_run, run_chain
+
+    def given(**values) -> dict:
+        return {k: v for k, v in values.items() if v is not None}
 
     with graceful_termination(), input_errors():
-        rows = read_manifest(manifest, video_root)
-        tracks_out, features_out = out / "tracks.zarr", out / "features.zarr"
-        extraction = dict(device=device, workers=workers, progress=progress)
-        options = read_config_file(train_config) if train_config else {}
-        method = method or options.get("method")  # the command line's, else the file's
-        chosen = {k: v for k, v in dict(method=method, queries=queries).items() if v is not None}
-        tracks_options = with_method(chosen, TRACKS_KEYS)
-        semantic = tracks_options.get("queries") == SEMANTIC  # clusters of --backbone's features
-        if semantic:
-            tracks_options["semantic"] = SemanticConfig(backbone=backbone)
-        tracks_config = TracksConfig(tracker=tracker, grid=grid, subset=subset, **tracks_options)
-        with stage_clock(out, "tracks"):
-            tracks_summary = extract_tracks(
-                rows, tracks_out, tracks_config, checkpoint=checkpoint,
-                cluster_weights=weights if semantic else None, **extraction,
-            )  # fmt: skip
-        with stage_clock(out, "features"):
-            features_summary = extract_features(
-                rows, features_out, FeaturesConfig(backbone=backbone, views=views),
-                weights=weights, **extraction,
-            )  # fmt: skip
-        summaries = [tracks_summary, features_summary]
-        for stage, summary in zip(("tracks", "features"), summaries, strict=True):
-            report(summary, stage)
-        overrides = dict(
-            epochs=epochs, episodes=episodes, shot=shot,
-            val_episodes=val_episodes, test_episodes=test_episodes, tracks_mode=tracks_mode,
+        config = resolve_run(
+            manifest, out, recipe=recipe, train_file=train_config, method=method,
+            tracks=given(tracker=tracker, queries=queries, grid=grid, subset=subset),
+            features=given(backbone=backbone, views=views),
+            train=given(epochs=epochs, episodes=episodes, shot=shot, val_episodes=val_episodes,
+                        test_episodes=test_episodes, tracks_mode=tracks_mode),
+            frames=frames, video_root=video_root, tracker_checkpoint=checkpoint,
+            weights=weights, device=device, workers=workers, progress=progress,
+            train_out=train_out,
         )  # fmt: skip
-        options |= {k: v for k, v in overrides.items() if v is not None}
-        options |= {"method": method} if method is not None else {}
-        options |= dict(
-            tracks=str(tracks_out), features=str(features_out), out=str(out / train_out),
-            manifest=str(manifest), resume=True,
-        )  # fmt: skip
-        with stage_clock(out, train_out):
-            result = train(config_from_dict(options, str(train_config or "tats run")))
-    if result.test is not None:
+        if print_config:
+            typer.echo(json.dumps(config.to_dict(), indent=1))
+            raise typer.Exit(OK)
+        for line in config.unhonoured:
+            typer.echo(f"recipe {config.recipe}: not followed: {line}")
+        result = run_chain(config, report=lambda stage, summary: report(summary, stage))
+    test = result.train.test
+    if test is not None:
         typer.echo(
-            f"test: {result.test.accuracy:.2f} +- {result.test.ci95:.2f} % "
-            f"({result.test.episodes} episodes); results in {out / train_out}"
+            f"test: {test.accuracy:.2f} +- {test.ci95:.2f} % ({test.episodes} episodes); "
+            f"results in {config.out / train_out}"
         )
-    failed = any(summary.failures for summary in summaries)
-    raise typer.Exit(SOME_FAILED if failed else OK)
+    raise typer.Exit(SOME_FAILED if result.failed else OK)
+
+
+def recipes() -> None:
+    """List the recipes: the published configurations of TATs and Trokens (`tats run --recipe
+    NAME`), with the release file each comes from and the 5-way accuracy its paper reports."""
+    from tats.recipes import list_recipes
+
+    with input_errors():
+        found = list_recipes()
+    width = max(len(r.name) for r in found)
+    typer.echo(f"{'recipe':<{width}}  1-shot  5-shot  source")
+    for r in found:
+        shots = [r.paper.accuracy(s) for s in (1, 5)]
+        accuracy = "  ".join(f"{a:6.1f}" if a is not None else f"{'-':>6}" for a in shots)
+        derived = " (derived: no release config for it)" if r.source.get("derived") else ""
+        typer.echo(f"{r.name:<{width}}  {accuracy}  {r.release_file}{derived}")
+    typer.echo("accuracy: 5-way, as the papers report it ('-': not stated in the release)")

@@ -1,7 +1,8 @@
 """`tats-train`: few-shot training and evaluation from the two stores (never from video).
 
-Options come from the defaults, then `--config FILE` (JSON, or TOML on Python 3.11+, keys as
-the long option names), then the command line. Run under `torchrun --nproc_per_node N` for DDP.
+Options come from the defaults, then `--recipe NAME` (its [train] table and method), then
+`--config FILE` (JSON, or TOML on Python 3.11+, keys as the long option names), then the
+command line. Run under `torchrun --nproc_per_node N` for DDP.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from tats.cli.common import OK, fail, input_errors
 HELP = (
     "Stage two: train the TATs few-shot model on tracks.zarr + features.zarr, select it on the "
     "val split, evaluate it on the test split. --eval-only evaluates a checkpoint. Options come "
-    "from the defaults, then --config FILE, then the command line; run under torchrun for DDP."
+    "from the defaults, then --recipe, then --config FILE, then the command line; run under "
+    "torchrun for DDP."
 )
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
+NOT_TRAIN_OPTIONS = ("recipe", "config", "eval_only", "checkpoint")  # main's other parameters
 
 
 def _steps(text: str | None) -> list[int] | None:
@@ -43,6 +46,11 @@ def main(
     features: Path = typer.Option(None, help="The features store (tats-extract features)."),
     manifest: Path = typer.Option(None, "--manifest", "-m", help="The dataset manifest CSV."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (eval-only: output folder)."),
+    recipe: str = typer.Option(
+        None,
+        help="A published configuration's training options (`tats recipes`, e.g. trokens/hmdb) "
+        "or a recipe TOML file's; --config and the command line win over it.",
+    ),
     config: Path = typer.Option(None, help="Options from a JSON or TOML file."),
     eval_only: bool = typer.Option(
         False, "--eval-only", help="Only evaluate --checkpoint on the test split."
@@ -112,17 +120,19 @@ def main(
     resume: bool = typer.Option(None, "--resume", help="Continue the run in --out."),
 ) -> None:
     """Train on the train split, select on val, evaluate on test; or --eval-only."""
-    options = {k: v for k, v in locals().items() if k not in ("config", "eval_only", "checkpoint")}
+    options = {k: v for k, v in locals().items() if k not in NOT_TRAIN_OPTIONS}
     given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
     from tats import viz
     from tats.evaluate import evaluate
+    from tats.recipes import load_recipe
     from tats.train import config_from_dict, read_config_file, train
 
     if "lr_steps" in given:
         given["lr_steps"] = _steps(given["lr_steps"])
     with input_errors():
-        values = read_config_file(config) if config is not None else {}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = load_recipe(recipe).train_options() if recipe is not None else {}
+        from_file = read_config_file(config) if config is not None else {}
+        values.update({k.replace("-", "_"): v for k, v in from_file.items()})
         values.update(given)
         if eval_only:
             if checkpoint is None:
@@ -147,7 +157,7 @@ def main(
                     f"{values['out']}/metrics.json"
                 )
             raise typer.Exit(OK)
-        run = train(config_from_dict(values, str(config) if config else None))
+        run = train(config_from_dict(values, str(config or recipe or "") or None))
     if not _main_process():
         return
     best = "" if run.best_val_accuracy is None else f" (val {run.best_val_accuracy:.2f}%)"

@@ -1,0 +1,319 @@
+"""The chain `tats run` runs: tracks, features and training into one run folder, each resuming.
+
+    config = resolve_run("m.csv", "runs/a", recipe="trokens/hmdb", train={"epochs": 2})
+    print(json.dumps(config.to_dict(), indent=1))      # what `tats run --print-config` shows
+    result = run_chain(config)
+
+Settings come from the stages' and trainer's defaults, then the recipe (tats/recipes.py), then
+a file of training options, then the options given (the command line's): each later one wins.
+The method preset (tats/methods.py) fills the options that make a method wherever none of
+those set them. The run folder's `run.json` records the resolved config with every path
+relative to the run folder (and, for what lies outside it, also absolute), so that `tats
+report` works from any directory and on a moved or copied folder (`run_inputs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tats.manifest import Manifest, read_manifest
+from tats.pipeline.features import FeaturesConfig, FeaturesRecipe
+from tats.pipeline.runner import RunSummary
+from tats.pipeline.tracks import SEMANTIC, TracksConfig, TracksRecipe
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "tats-run"
+STORES = {"tracks": "tracks.zarr", "features": "features.zarr"}
+TRAIN_PATHS = ("tracks", "features", "manifest", "out")  # set by the chain, not by options
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `tats run` does, resolved: the stages' configs, the trainer's, and how to run."""
+
+    manifest: Path  # absolute
+    out: Path  # the run folder, absolute
+    tracks: TracksConfig
+    features: FeaturesConfig
+    train: object  # tats.train.TrainConfig, its paths absolute
+    method: str | None = None
+    recipe: str | None = None
+    video_root: Path | None = None
+    tracker_checkpoint: Path | None = None
+    weights: Path | None = None  # the features backbone's (and semantic queries' clustering)
+    device: str = "cpu"
+    workers: int = 2
+    progress: bool = True
+    train_out: str = "train"
+    unhonoured: tuple[str, ...] = ()  # the recipe's values that tats cannot follow
+
+    def to_dict(self) -> dict:
+        """The resolved config as run.json records it: paths relative to the run folder."""
+        train = {k: v for k, v in self.train.to_dict().items() if k not in TRAIN_PATHS}
+        return {
+            "format": RUN_FORMAT,
+            "recipe": self.recipe,
+            "method": self.method,
+            **_path_entry("manifest", self.manifest, self.out),
+            **_path_entry("video_root", self.video_root, self.out),
+            **STORES,
+            "stages": {"tracks": asdict(self.tracks), "features": asdict(self.features)},
+            "extraction": {
+                "tracker_checkpoint": _text(self.tracker_checkpoint),
+                "weights": _text(self.weights),
+                "device": self.device,
+                "workers": self.workers,
+            },
+            "trainings": {self.train_out: train},
+            "unhonoured": list(self.unhonoured),
+        }
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """What a chain did: each stage's summary, and the training run (tats.train.TrainResult)."""
+
+    summaries: dict[str, RunSummary]
+    train: object
+
+    @property
+    def failed(self) -> bool:
+        return any(summary.failures for summary in self.summaries.values())
+
+
+def resolve_run(
+    manifest: str | Path,
+    out: str | Path,
+    *,
+    recipe: str | None = None,
+    train_file: str | Path | None = None,
+    method: str | None = None,
+    tracks: dict | None = None,
+    features: dict | None = None,
+    train: dict | None = None,
+    frames: int | None = None,
+    video_root: str | Path | None = None,
+    tracker_checkpoint: str | Path | None = None,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+    progress: bool = True,
+    train_out: str = "train",
+) -> RunConfig:
+    """The run's config from the defaults, `recipe`, `train_file` and the options given
+    (`tracks`, `features`: stage options; `train`: tats-train's; `frames`: stored frames of
+    both stages). Reads no manifest and no video: bad values raise ValueError, one line."""
+    from tats.methods import TRACKS_KEYS, with_method
+    from tats.pipeline.semantic import SemanticConfig
+    from tats.recipes import load_recipe
+    from tats.train import config_from_dict, read_config_file
+
+    chosen = load_recipe(recipe) if recipe else None
+    given_tracks, given_features = dict(tracks or {}), dict(features or {})
+    if frames is not None:
+        given_tracks["frames"] = given_features["frames"] = frames
+    file_options = read_config_file(train_file) if train_file else {}
+    file_options = {k.replace("-", "_"): v for k, v in file_options.items()}
+    train_options = {**(chosen.train_options() if chosen else {}), **file_options, **(train or {})}
+    if method is not None:
+        train_options["method"] = method
+    method = train_options.get("method")
+    source = str(train_file or (chosen.path if chosen else "tats run"))
+
+    tracks_options = {**(chosen.tracks_options() if chosen else {}), **given_tracks}
+    try:
+        tracks_options = with_method({"method": method, **tracks_options}, TRACKS_KEYS)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    if tracks_options.get("queries") == SEMANTIC:
+        semantic = tracks_options.get("semantic") or SemanticConfig()
+        if chosen is None or "backbone" in given_features:  # clusters of --backbone's features
+            backbone = given_features.get("backbone", FeaturesConfig.backbone)
+            semantic = dataclasses.replace(semantic, backbone=backbone)
+        tracks_options["semantic"] = semantic
+    else:
+        tracks_options.pop("semantic", None)
+    features_options = {**(chosen.features_options() if chosen else {}), **given_features}
+    try:
+        tracks_config = TracksConfig(**tracks_options)
+        features_config = FeaturesConfig(**features_options)
+    except (TypeError, ValueError) as error:
+        where = chosen.path if chosen else "tats run"
+        raise ValueError(f"{where}: {error}") from None
+    if tracks_config.frames != features_config.frames:
+        raise ValueError(
+            f"the stages store different frames (tracks {tracks_config.frames}, features "
+            f"{features_config.frames}); give --frames for both"
+        )
+
+    out = Path(out).absolute()
+    manifest = Path(manifest).absolute()
+    paths = dict(
+        tracks=str(out / STORES["tracks"]), features=str(out / STORES["features"]),
+        manifest=str(manifest), out=str(out / train_out), resume=True,
+    )  # fmt: skip
+    train_config = config_from_dict({**train_options, **paths}, source)
+    return RunConfig(
+        manifest=manifest, out=out, tracks=tracks_config, features=features_config,
+        train=train_config, method=method, recipe=chosen.name if chosen else None,
+        video_root=None if video_root is None else Path(video_root).absolute(),
+        tracker_checkpoint=_absolute(tracker_checkpoint), weights=_absolute(weights),
+        device=device, workers=workers, progress=progress, train_out=train_out,
+        unhonoured=chosen.unhonoured if chosen else (),
+    )  # fmt: skip
+
+
+def stage_recipes(config: RunConfig) -> tuple[TracksRecipe, FeaturesRecipe]:
+    """The two extraction stages of a run, in their order."""
+    semantic = config.tracks.semantic is not None
+    return (
+        TracksRecipe(
+            config.tracks, checkpoint=_text(config.tracker_checkpoint), device=config.device,
+            cluster_weights=_text(config.weights) if semantic else None,
+        ),
+        FeaturesRecipe(config.features, weights=_text(config.weights), device=config.device),
+    )  # fmt: skip
+
+
+def extract_stages(
+    recipes: tuple,
+    manifest: Manifest,
+    out: str | Path,
+    *,
+    clock: str | Path | None = None,
+    report: Callable[[str, RunSummary], None] | None = None,
+    **run,
+) -> dict[str, RunSummary]:
+    """Run each stage recipe into `out/<name>.zarr`, in order (`run`: `executors.extract`'s
+    options); `clock`: time each stage into that run folder's timings.json; `report(name,
+    summary)` after each stage."""
+    from tats.pipeline.executors import extract
+    from tats.report import stage_clock
+
+    summaries = {}
+    for recipe in recipes:
+        with stage_clock(clock, recipe.name) if clock is not None else nullcontext():
+            summary = extract(recipe, manifest, Path(out) / f"{recipe.name}.zarr", **run)
+        summaries[recipe.name] = summary
+        if report is not None:
+            report(recipe.name, summary)
+    return summaries
+
+
+def run_chain(
+    config: RunConfig, report: Callable[[str, RunSummary], None] | None = None
+) -> ChainResult:
+    """Both stages, then training, in the run folder; each resumes where it stopped. Videos
+    that fail extraction are recorded in the stores and left out of training."""
+    from tats.report import stage_clock
+    from tats.train import train
+
+    manifest = read_manifest(config.manifest, config.video_root)
+    write_run_record(config, manifest)
+    summaries = extract_stages(
+        stage_recipes(config), manifest, config.out, clock=config.out, report=report,
+        workers=config.workers, progress=config.progress,
+    )  # fmt: skip
+    with stage_clock(config.out, config.train_out):
+        result = train(config.train)
+    return ChainResult(summaries, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# run.json
+
+
+def write_run_record(config: RunConfig, manifest: Manifest) -> Path:
+    """Write `run.json` into the run folder (atomically): `config.to_dict()` and the manifest's
+    SHA-256; the trainings recorded by earlier runs into other training folders are kept."""
+    path = config.out / RUN_FILE
+    record = config.to_dict()
+    record["manifest_sha256"] = manifest.sha256
+    if path.is_file():
+        earlier = _read_record(path)
+        record["trainings"] = {**earlier.get("trainings", {}), **record["trainings"]}
+    config.out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """A run folder's manifest and stores, found from its run.json."""
+
+    manifest: Manifest
+    tracks: Path
+    features: Path
+
+
+def run_inputs(run_dir: str | Path) -> RunInputs | None:
+    """The manifest and stores of a `tats run` folder, resolved from the folder (None: the
+    folder has no run.json). The stores are the folder's own; the manifest is looked for
+    relative to the folder first (a folder moved together with its data), then at its absolute
+    path (a folder moved alone), and must be the one the run read (its SHA-256)."""
+    run_dir = Path(run_dir).absolute()
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    record = _read_record(path)
+    video_root = _locate(run_dir, record, "video_root")
+    tried = []
+    for candidate in _candidates(run_dir, record, "manifest"):
+        if not candidate.is_file():
+            tried.append(f"{candidate} (not found)")
+            continue
+        manifest = read_manifest(candidate, video_root)
+        if manifest.sha256 != record.get("manifest_sha256"):
+            tried.append(f"{candidate} (another manifest: its SHA-256 differs)")
+            continue
+        return RunInputs(manifest, run_dir / record["tracks"], run_dir / record["features"])
+    raise FileNotFoundError(f"{path}: the run's manifest is not at {' nor at '.join(tried)}")
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: {error.msg}") from None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise ValueError(f"{path}: not a tats run record")
+    return record
+
+
+def _path_entry(name: str, path: Path | None, run_dir: Path) -> dict:
+    """`name`: relative to the run folder; `name_absolute` too where it lies outside it."""
+    if path is None:
+        return {name: None}
+    relative = Path(os.path.relpath(path, run_dir)).as_posix()
+    entry = {name: relative}
+    if relative.startswith(".."):
+        entry[f"{name}_absolute"] = str(path)
+    return entry
+
+
+def _candidates(run_dir: Path, record: dict, name: str) -> list[Path]:
+    found = [run_dir / record[name]] if record.get(name) else []
+    if record.get(f"{name}_absolute"):
+        found.append(Path(record[f"{name}_absolute"]))
+    return found
+
+
+def _locate(run_dir: Path, record: dict, name: str) -> Path | None:
+    candidates = _candidates(run_dir, record, name)
+    return next((c for c in candidates if c.exists()), candidates[0] if candidates else None)
+
+
+def _absolute(path: str | Path | None) -> Path | None:
+    return None if path is None else Path(path).absolute()
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
