@@ -4,6 +4,7 @@ clips of held-out classes from a few labelled ones, extracted as its training st
 import csv
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,20 @@ from typer.testing import CliRunner
 from tats.checkpoints import load_checkpoint, save_checkpoint
 from tats.cli import app
 from tats.episodes import EpisodeData, EpisodeSpec, SplitClasses
-from tats.evaluate import episode_predictions, eval_result, evaluation_options, load_model
+from tats.evaluate import (
+    embed,
+    episode_predictions,
+    eval_result,
+    evaluation_options,
+    load_model,
+)
+from tats.fewshot import frame_embeddings, hausdorff_distances, prototype_frames
 from tats.manifest import read_manifest, write_manifest
 from tats.pipeline.backbones import Preprocess
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.pipeline.weights import file_sha256
-from tats.predict import check_identity
+from tats.predict import Prototypes, check_identity, match
 from tats.runtime import Runtime
 from tats.train import config_from_dict, train
 
@@ -372,3 +380,44 @@ def test_a_tracker_on_another_device_is_a_warning_other_settings_an_error(tmp_pa
         check_identity("tracker", identity("fp32"), identity("bf16"), checkpoint)
     with pytest.raises(ValueError, match="mode here is 'offline; passes=7; resolution"):
         check_identity("tracker", identity("bf16", passes=7), identity("bf16"), checkpoint)
+
+
+def test_running_sum_prototypes_equal_the_stacked_ones():
+    # 3 classes of 9, 1 and 13 support clips, fed in batches that split and join classes.
+    tokens = torch.randn(23, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    classes = [range(0, 9), range(9, 10), range(10, 23)]
+    for dtype in (torch.float32, torch.bfloat16):  # bf16: tokens of a CUDA autocast
+        prototypes = Prototypes()
+        for start, stop in [(0, 4), (4, 11), (11, 12), (12, 23)]:
+            for c, rows in enumerate(classes):
+                mine = range(max(start, rows.start), min(stop, rows.stop))
+                if len(mine):
+                    prototypes.add(c, tokens[mine.start : mine.stop].to(dtype))
+        stacked = [
+            prototype_frames(tokens.to(dtype), torch.tensor([list(rows)]))[0] for rows in classes
+        ]
+        assert torch.equal(prototypes.frames(3), torch.stack(stacked))
+
+
+def test_predict_matches_the_stacked_prototypes_batch_by_batch(synth_stores, checkpoint):
+    state = load_checkpoint(checkpoint)
+    model = load_model(state, torch.device("cpu"))
+    data = EpisodeData.open(synth_stores.tracks, synth_stores.features, synth_stores.manifest)
+    options = evaluation_options(state["config"])
+    rt = Runtime.setup("cpu", "off", 0, 2)
+    test = data.classes("test", 6, 2)
+    class_rows = [test.rows[0][:5].tolist(), test.rows[1][:1].tolist(), test.rows[2][:4].tolist()]
+    query_rows = [int(r[-1]) for r in test.rows[:3]]
+    distances = match(model, data, class_rows, query_rows, options, rt, batch_clips=3)
+    # The same batches of clips, their tokens stacked, each prototype from its stack.
+    rows = np.array([r for c in class_rows for r in c] + query_rows)
+    with torch.no_grad():
+        tokens = torch.cat(
+            [embed(model, b) for b in rt.loader(data.clips(rows, options), batch_size=3)]
+        )
+        first = np.cumsum([0] + [len(c) for c in class_rows])
+        class_frames = torch.cat(
+            [prototype_frames(tokens, torch.arange(a, b)[None]) for a, b in pairwise(first)]
+        )
+        expected = hausdorff_distances(frame_embeddings(tokens[first[-1] :]), class_frames)
+    assert distances.shape == (3, 3) and torch.equal(distances, expected)
