@@ -36,6 +36,7 @@ from tats.pipeline.status import done_rows
 from tats.stores import FEATURES, TRACKS, RowStore, StoreError
 
 TRACKS_MODES = ("tracks", "frozen")
+PADDING_LIMIT = 0.5  # share of padding points above which training warns (`warn_padding`)
 MASK_MODES = ("query", "visible")
 
 
@@ -317,11 +318,39 @@ class EpisodeData:
             rank,
         )
 
+    def padding_share(self, classes: SplitClasses, options: ReadOptions, most: int = 200) -> float:
+        """The share of the points that reads of the classes' clips pad with masked zeros,
+        over at most `most` of the clips (spread evenly over them)."""
+        rows = np.sort(np.concatenate([classes.rows[c] for c in classes.drawable]))
+        rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), most)).astype(int)]
+        reader = ClipReader(self.tracks.path, self.features.path, options, self.frames,
+                            self.frame_size)  # fmt: skip
+        return sum(reader.padding(int(row)) for row in rows) / (len(rows) * self.points)
+
     def clips(self, rows: np.ndarray, options: ReadOptions) -> ClipDataset:
         """The clips of `rows`, each read once (`options` must be `per_clip`)."""
         return ClipDataset(
             self.tracks.path, self.features.path, rows, options, self.frames, self.frame_size
         )
+
+
+def warn_padding(data: EpisodeData, classes: SplitClasses, options: ReadOptions) -> float:
+    """Warn (EpisodeWarning) where most of the points training reads are padding: masked in
+    attention, padding still enters the matching's mean over points, and a model whose tokens
+    are mostly padding may learn nothing. Returns the share."""
+    share = data.padding_share(classes, options)
+    if share > PADDING_LIMIT:
+        real = data.points * (1 - share)
+        fits = 2 ** max(3, int(np.log2(max(real, 1))))
+        warnings.warn(
+            f"{share:.0%} of the {data.points} points per clip that training reads are padding: "
+            f"{data.tracks.path.name}'s clips keep {real:.0f} of them on average. Padding enters "
+            f"the matching's mean over points and can keep the model at chance; extract tracks "
+            f"with --subset {fits} (or more points per clip: a larger --grid)",
+            EpisodeWarning,
+            stacklevel=2,
+        )
+    return share
 
 
 class ClipReader:
@@ -396,6 +425,20 @@ class ClipReader:
             mask = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
         positions = self._normalised(t["positions"][:, index], row)
         return np.where(real[None, :, None], positions, 0).astype(np.float32), mask, visible
+
+    def padding(self, row: int) -> int:
+        """How many of the P points a read of `row` pads with masked zeros (every read of it
+        pads as many)."""
+        opt, tracks = self.options, self._open()[0]
+        size = tracks.fields["subset"].shape[0]
+        if opt.tracks_mode == "frozen":
+            return size - int(self._fixed_grid(row)[1].any(axis=0).sum())
+        t = tracks.read_row(row, ("valid", "subset"))
+        if opt.cluster_sampling and opt.fill == "repeat":
+            return 0
+        if opt.fresh_subset or opt.cluster_sampling or opt.fill == "pad":
+            return size - min(size, int(t["valid"].sum()))
+        return int((t["subset"] < 0).sum())
 
     def _fixed_grid(self, row: int) -> tuple[np.ndarray, ...]:
         """The appearance-only baseline: the first query frame's grid of points, fixed where
