@@ -66,7 +66,10 @@ UNTRUSTED = (
     "unpickling runs whatever code a pickle names, so pickles are read only when you trust "
     "them: pass --trust-pickles for files you or a source you trust wrote"
 )
-H5_EXTRAS = ("manifest", "done", "ledger")  # names beside the store's arrays in an HDF5 export
+H5_EXTRAS = ("manifest", "done", "ledger")
+INT32_MAX = np.iinfo(np.int32).max
+# Positions farther than this many frame sides outside the frame are no tracker's output.
+MAX_OFFSET_SIDES = 10  # names beside the store's arrays in an HDF5 export
 # What each layout must hold; the third key is each point's query frame.
 ORIGINAL_KEYS = {
     "tats-pkl": ("pred_tracks", "pred_visibility", "per_point_queries"),
@@ -96,8 +99,35 @@ def _array(value, what: str, path: Path) -> np.ndarray:
         raise ValueError(f"{path}: {what} is not an array ({error})") from None
 
 
+def _numbers(value, what: str, path: Path) -> np.ndarray:
+    """An array of numbers (not strings, objects or booleans)."""
+    array = _array(value, what, path)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        kind = {"b": "true/false values", "U": "text", "S": "bytes", "O": "Python objects"}
+        found = kind.get(array.dtype.kind, f"{array.dtype} values")
+        raise ValueError(f"{path}: {what} holds {found}, not numbers")
+    return array
+
+
+def _integers(value, what: str, path: Path, meaning: str) -> np.ndarray:
+    """int64 of an array of whole numbers in 0..2^31-1 (the store's int32), any number dtype;
+    NaN, fractions and values outside that range are refused, not cast."""
+    array = _numbers(value, what, path).reshape(-1)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path}: {what} holds NaN or infinity, expected {meaning}")
+    if (array != np.round(array)).any():
+        bad = array[array != np.round(array)][0]
+        raise ValueError(f"{path}: {what} holds fractions ({bad}), expected {meaning}")
+    if len(array) and (array.min() < 0 or array.max() > INT32_MAX):
+        bad = array.min() if array.min() < 0 else array.max()
+        raise ValueError(f"{path}: {what} holds {bad}, outside 0..{INT32_MAX} ({meaning})")
+    return array.astype(np.int64)
+
+
 def read_original(data: object, layout: str, path: Path) -> OriginalPoints:
-    """The points of one unpickled original file, checked: shapes agree, positions finite."""
+    """The points of one unpickled original file, checked: numbers of the right kinds (frame
+    numbers and cluster ids whole, visibility true or false), shapes that agree, at least one
+    point, positions finite."""
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict, found {type(data).__name__}")
     keys = ORIGINAL_KEYS[layout]
@@ -105,21 +135,27 @@ def read_original(data: object, layout: str, path: Path) -> OriginalPoints:
     if missing:
         has = ", ".join(map(str, data))
         raise ValueError(f"{path}: not a {layout} pickle: no {', '.join(missing)} (has {has})")
-    tracks = _array(data["pred_tracks"], "pred_tracks", path).astype(np.float32)
+    tracks = _numbers(data["pred_tracks"], "pred_tracks", path).astype(np.float32)
     visible = _array(data["pred_visibility"], "pred_visibility", path)
+    if visible.dtype != bool:
+        visible = _numbers(visible, "pred_visibility", path)
+        if not np.isin(visible, (0, 1)).all():
+            bad = visible[~np.isin(visible, (0, 1))].reshape(-1)[0]
+            raise ValueError(f"{path}: pred_visibility holds {bad}, expected true/false (1/0)")
     # TATs keeps CoTracker's batch axis; Trokens squeezed it.
     if tracks.ndim == 4 and tracks.shape[0] == 1:
         tracks, visible = tracks[0], visible.reshape(visible.shape[-2:])
-    query = _array(data[keys[2]], keys[2], path).reshape(-1)
     if tracks.ndim != 3 or tracks.shape[2] != 2:
         raise ValueError(f"{path}: pred_tracks has shape {tracks.shape}, expected [T, N, 2]")
     T, N = tracks.shape[:2]
+    if N == 0 or T == 0:
+        raise ValueError(f"{path}: no points (pred_tracks has shape {tracks.shape})")
     if visible.shape != (T, N):
         raise ValueError(f"{path}: pred_visibility has shape {visible.shape}, expected {(T, N)}")
-    if query.shape != (N,) or not np.issubdtype(query.dtype, np.number):
+    query = _integers(data[keys[2]], keys[2], path, "frame numbers")
+    if query.shape != (N,):
         raise ValueError(f"{path}: {keys[2]} has shape {query.shape}, expected ({N},)")
-    query = query.astype(np.int64)
-    if N and (query.min() < 0 or query.max() >= T):
+    if query.max() >= T:
         raise ValueError(f"{path}: query frames outside 0..{T - 1}")
     if not np.isfinite(tracks).all():
         raise ValueError(f"{path}: non-finite track positions")
@@ -132,7 +168,7 @@ def read_original(data: object, layout: str, path: Path) -> OriginalPoints:
             if isinstance(entry, dict) and "sampled_indices" in entry:
                 subset = _array(entry["sampled_indices"], "sampled_indices", path).reshape(-1)
     else:
-        cluster = _array(data["obj_ids"], "obj_ids", path).reshape(-1).astype(np.int64)
+        cluster = _integers(data["obj_ids"], "obj_ids", path, "cluster numbers")
         if cluster.shape != (N,):
             raise ValueError(f"{path}: obj_ids has shape {cluster.shape}, expected ({N},)")
     return OriginalPoints(tracks, visible.astype(bool), query, subset, cluster)
@@ -207,6 +243,13 @@ class PickleLoader:
                 "--max-clusters or --points-per-cluster"
             )
         info = probe(row.path)
+        side = max(info.width, info.height)
+        far = np.abs(original.tracks - side / 2).max()
+        if far > (MAX_OFFSET_SIDES + 0.5) * side:
+            raise ValueError(
+                f"{path}: track positions up to {np.abs(original.tracks).max():.3g} px, the video "
+                f"is {info.width}x{info.height}: more than {MAX_OFFSET_SIDES} frame sides outside"
+            )
         num_frames = len(timeline(info, self.config.fps, self.config.native_suffixes))
         points = resample(original, num_frames)
         shape = (num_frames, info.height, info.width)
@@ -320,8 +363,12 @@ def export_h5(store_path: str | Path, manifest: Manifest, out: str | Path) -> Pa
     written aside and renamed into place."""
     import h5py
 
-    store = _open_for_export(store_path, manifest)
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out}: a folder; the HDF5 export is one file: give its path "
+                         f"(e.g. {out / 'store.h5'})")  # fmt: skip
+    check_new_path(out)
+    store = _open_for_export(store_path, manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -365,43 +412,25 @@ def export_h5(store_path: str | Path, manifest: Manifest, out: str | Path) -> Pa
 
 def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None = None) -> Path:
     """Make the store of an `export_h5` file at `out` (which must not exist): the same arrays,
-    attributes and ledger, every done row checked against its digest. Built aside and renamed
-    into place. `manifest_out`: also write the manifest file it was made for (same bytes)."""
+    attributes and ledger. Checked first: the attributes, each array's shape, the ledger
+    records and /done (the rows the ledger records, no others); then, shard by shard, every
+    done row against its digest and every other row for holding nothing. Built aside and
+    renamed into place. `manifest_out`: also write the manifest file it was made for (same
+    bytes)."""
     import h5py
 
     path, out = Path(path), Path(out)
     if out.exists():
         raise StoreError(f"{out} exists; import into a new --out")
+    check_new_path(out)
     try:
         h5 = h5py.File(path, "r")
     except OSError as error:
         raise StoreError(f"{path}: not an HDF5 file ({error})") from None
     with h5:
-        attrs = {key: h5.attrs[key] for key in h5.attrs}
-        if "tats_json_attributes" not in attrs or not all(k in h5 for k in H5_EXTRAS):
-            raise StoreError(f"{path}: not a tats-extract export (no tats_json_attributes)")
-        nested = set(json.loads(attrs.pop("tats_json_attributes")))
-        attrs = {k: json.loads(v) if k in nested else _native(v) for k, v in attrs.items()}
-        if attrs.get("schema") not in (TRACKS, FEATURES):
-            raise StoreError(f"{path}: holds no tats store (schema {attrs.get('schema')!r})")
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(
-                f"{path}: schema version {attrs.get('schema_version')}, this tats reads "
-                f"version {SCHEMA_VERSION}"
-            )
-        fields = {
-            name: Field(tuple(spec["shape"]), spec["dtype"], spec["fill"], spec["split"])
-            for name, spec in attrs["fields"].items()
-        }
-        for name, f in fields.items():
-            shape = (attrs["num_rows"], *f.shape)
-            if name not in h5 or h5[name].shape != shape:
-                found = f"shape {h5[name].shape}" if name in h5 else "no such dataset"
-                raise StoreError(
-                    f"{path}: dataset {name!r} should have shape {shape}, found {found}: "
-                    f"the export is damaged"
-                )
-        records = [UnitRecord.from_json(text) for text in h5["ledger"].asstr()[...]]
+        attrs, fields = _h5_attributes(h5, path)
+        records = _h5_ledger(h5, path, attrs)
+        done = {row for r in records for row in r.done}
         tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:12]}"
         try:
             store = RowStore.create_or_open(tmp, attrs["schema"], fields, attrs["num_rows"],
@@ -413,6 +442,16 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
                 for row, digest in by_unit[unit].done.items() if unit in by_unit else ():
                     if row_digest(data, row - shard.start) != digest:
                         raise StoreError(f"{path}: row {row} differs from its ledger record")
+                for row in shard:
+                    if row in done:
+                        continue
+                    holds = [name for name, f in fields.items()
+                             if not np.all(data[name][row - shard.start] == f.fill)]  # fmt: skip
+                    if holds:
+                        raise StoreError(
+                            f"{path}: row {row} holds data in {', '.join(holds)} but is not "
+                            f"done (no ledger record has it): the export is damaged"
+                        )
                 store.write_rows(shard, data)
             ledger = Ledger(store.ledger_dir)
             for record in records:
@@ -425,6 +464,104 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
     return out
 
 
+def _h5_attributes(h5, path: Path) -> tuple[dict, dict[str, Field]]:
+    """The store attributes of an export, checked, and its fields (each array's shape)."""
+    attrs = {key: h5.attrs[key] for key in h5.attrs}
+    missing = [f"/{k}" for k in H5_EXTRAS if k not in h5]
+    if "tats_json_attributes" not in attrs:
+        missing.insert(0, "the attribute tats_json_attributes")
+    if missing:
+        raise StoreError(f"{path}: not a tats-extract export: no {', '.join(missing)}")
+    nested = _json_attribute(attrs.pop("tats_json_attributes"), "tats_json_attributes", path)
+    attrs = {
+        k: _json_attribute(v, k, path) if k in nested else _native(v) for k, v in attrs.items()
+    }
+    if attrs.get("schema") not in (TRACKS, FEATURES):
+        raise StoreError(f"{path}: holds no tats store (schema {attrs.get('schema')!r})")
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: schema version {attrs.get('schema_version')}, this tats reads "
+            f"version {SCHEMA_VERSION}"
+        )
+    for key, least in (("num_rows", 0), ("shard_size", 1)):
+        value = attrs.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise StoreError(
+                f"{path}: attribute {key} is {value!r}, expected a whole number of rows of at "
+                f"least {least}: the export is damaged"
+            )
+    if not isinstance(attrs.get("provenance"), dict) or not isinstance(attrs.get("fields"), dict):
+        raise StoreError(f"{path}: attributes provenance and fields must be tables: damaged")
+    try:
+        fields = {name: Field.from_spec(spec) for name, spec in attrs["fields"].items()}
+    except (KeyError, TypeError) as error:
+        raise StoreError(f"{path}: attribute fields is damaged ({error!r})") from None
+    for name, f in fields.items():
+        shape = (attrs["num_rows"], *f.shape)
+        if name not in h5 or h5[name].shape != shape:
+            found = f"shape {h5[name].shape}" if name in h5 else "no such dataset"
+            raise StoreError(
+                f"{path}: dataset {name!r} should have shape {shape}, found {found}: "
+                f"the export is damaged"
+            )
+    return attrs, fields
+
+
+def _json_attribute(text, key: str, path: Path):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as error:
+        problem = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+        raise StoreError(f"{path}: attribute {key} is not valid JSON ({problem})") from None
+
+
+def _h5_ledger(h5, path: Path, attrs: dict) -> list[UnitRecord]:
+    """The export's ledger records, checked: each for a unit of the store and rows of that
+    unit, and /done marking exactly the rows they record."""
+    num_rows, shard_size = attrs["num_rows"], attrs["shard_size"]
+    records = []
+    for i, text in enumerate(h5["ledger"].asstr()[...]):
+        try:
+            records.append(UnitRecord.from_json(text))
+        except (TypeError, ValueError, KeyError) as error:
+            raise StoreError(
+                f"{path}: /ledger entry {i} is not a ledger record ({error!r})"
+            ) from None
+    units = -(-num_rows // shard_size)
+    for record in records:
+        first = record.unit * shard_size
+        rows = range(first, min(first + shard_size, num_rows))
+        if not 0 <= record.unit < units or any(row not in rows for row in record.done):
+            raise StoreError(
+                f"{path}: /ledger has a record of unit {record.unit} with rows outside it "
+                f"(the store has {units} units of {shard_size} rows): the export is damaged"
+            )
+    marked = h5["done"][...]
+    if marked.shape != (num_rows,):
+        raise StoreError(f"{path}: /done has shape {marked.shape}, expected ({num_rows},)")
+    marked = set(np.flatnonzero(marked).tolist())
+    recorded = {row for r in records for row in r.done}
+    if marked != recorded:
+        extra, lost = sorted(marked - recorded), sorted(recorded - marked)
+        what = (f"row {extra[0]} is done in /done but in no ledger record" if extra
+                else f"row {lost[0]} is done in the ledger but not in /done")  # fmt: skip
+        raise StoreError(
+            f"{path}: /done marks {len(marked)} rows done, the ledger records {len(recorded)} "
+            f"({what}): the export is damaged"
+        )
+    return records
+
+
+def check_new_path(out: Path) -> None:
+    """`out` (a file or folder to be made) must lie in a folder: ValueError where a file
+    stands in its way (out = file.h5/sub.zarr), before any work."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{out}: {parent} is a file, not a folder")
+            return
+
+
 def _native(value):
     """HDF5 scalars as JSON-native Python values."""
     return value.item() if isinstance(value, np.generic) else value
@@ -434,8 +571,11 @@ def export_npz(store_path: str | Path, manifest: Manifest, out: str | Path) -> l
     """One `<video_id>.npz` per done row in the folder `out` (its arrays, and `row`,
     `video_id`, `label`, `split`), with `attributes.json` (the store's) and a copy of the
     manifest. Characters other than letters, digits, `.`, `_` and `-` in ids become `_`."""
-    store = _open_for_export(store_path, manifest)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: a file; the NPZ export is a folder of files: give a folder")
+    check_new_path(out)
+    store = _open_for_export(store_path, manifest)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attributes.json").write_text(json.dumps(store.attrs, indent=1) + "\n")
     shutil.copyfile(manifest.path, out / manifest.path.name)

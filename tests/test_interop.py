@@ -307,3 +307,180 @@ def test_npz_export_writes_each_video(synth_stores, tmp_path):
                 np.testing.assert_array_equal(data[name], stored[name][row], err_msg=name)
     attributes = json.loads((tmp_path / "npz" / "attributes.json").read_text())
     assert attributes["schema"] == "tats.tracks"
+
+
+def rewrite(path: Path, change) -> None:
+    """Unpickle `path`, change its dict in place, pickle it back."""
+    data = pickle.loads(path.read_bytes())
+    change(data)
+    path.write_bytes(pickle.dumps(data))
+
+
+def set_item(key, value):
+    return lambda data: data.__setitem__(key, value)
+
+
+def no_points(data):
+    T = data["pred_tracks"].shape[1]
+    data.update(pred_tracks=torch.zeros(1, T, 0, 2).half(), per_point_queries=np.zeros(0, int),
+                pred_visibility=torch.zeros(1, T, 0, dtype=torch.bool), total_points=0,
+                random={48: {"sampled_indices": np.zeros(0, int)}})  # fmt: skip
+
+
+def far_away(data):
+    tracks = data["pred_tracks"].float()  # the releases store float16; float32 holds 1e30
+    tracks.view(-1, tracks.shape[-2], 2)[3, 0, 0] = 1e30
+    data["pred_tracks"] = tracks
+
+
+def a_fraction(data):
+    query = data["per_point_queries"].astype(float)
+    query[0] += 0.5
+    data["per_point_queries"] = query
+
+
+def nan_visibility(data):
+    visible = data["pred_visibility"].float()
+    visible.view(-1, visible.shape[-1])[2, 1] = float("nan")
+    data["pred_visibility"] = visible
+
+
+def huge_cluster(data):
+    ids = data["obj_ids"].clone()
+    ids[0] = 2**31 + 5  # int32 would wrap it to a negative number
+    data["obj_ids"] = ids
+
+
+def nan_cluster(data):
+    ids = data["obj_ids"].double()
+    ids[1] = float("nan")
+    data["obj_ids"] = ids
+
+
+@pytest.mark.parametrize("layout", ["tats-pkl", "trokens-pkl"])
+def test_bad_values_in_pickles_fail_their_videos_alone(request, layout, tmp_path):
+    """Values no release writes are refused per video, naming the pickle and the problem (they
+    were stored: positions of 1e30, obj_ids wrapped or cast from NaN, NaN visibility, query
+    frames truncated); the other videos import."""
+    manifest, store = request.getfixturevalue("direct" if layout == "tats-pkl" else
+                                              "direct_semantic")  # fmt: skip
+    folder = write_pickles(manifest, store, layout, tmp_path / "pickles")
+    rows = read_manifest(manifest).rows
+    query = "per_point_queries" if layout == "tats-pkl" else "point_queries"
+    bad = {
+        0: (set_item("pred_tracks", "tensor([[[1.5, 2.0]]])"), "pred_tracks holds text, not "
+            "numbers"),
+        1: (far_away, "track positions up to 1e+30 px, the video is 64x64: more than 10 frame "
+            "sides outside"),
+        2: (lambda d: d.__setitem__(query, np.ones(len(d[query]), bool)),
+            f"{query} holds true/false values, not numbers"),
+        3: (lambda d: d.__setitem__(query, np.asarray(d[query], float) + 0.5),
+            f"{query} holds fractions ("),
+        4: (nan_visibility, "pred_visibility holds nan, expected true/false (1/0)"),
+    }  # fmt: skip
+    if layout == "tats-pkl":
+        bad[5] = (no_points, "no points (pred_tracks has shape (")
+    else:
+        bad[5] = (huge_cluster, f"obj_ids holds {2**31 + 5}, outside 0..2147483647 (cluster "
+                                "numbers)")  # fmt: skip
+        bad[6] = (nan_cluster, "obj_ids holds NaN or infinity, expected cluster numbers")
+    paths = {}
+    for row, (change, _) in bad.items():
+        paths[row] = folder / f"{Path(rows[row].path).name.split('.')[0]}.pkl"
+        rewrite(paths[row], change)
+    out = tmp_path / "imported.zarr"
+    code, output = run_import(layout, folder, manifest, out)
+    assert code == 1, output
+    failed = {int(line.split()[2]): line for line in output.splitlines() if "failed row" in line}
+    assert sorted(failed) == sorted(bad), output
+    for row, (_, problem) in bad.items():
+        assert failed[row].startswith(f"  failed row {row} ({rows[row].video_id}): "), failed[row]
+        assert f"{paths[row]}: {problem}" in failed[row], failed[row]
+    good = [r for r in range(8) if r not in bad]
+    assert store_status(out).videos_done == len(good)
+    assert_same(arrays(out), arrays(store), rows=good)
+
+
+@pytest.fixture
+def exported(synth_stores, tmp_path) -> Path:
+    """An HDF5 export of the synth tracks store (5 units of 16 rows, every row done)."""
+    return export_h5(synth_stores.tracks, read_manifest(synth_stores.manifest),
+                     tmp_path / "tracks.h5")  # fmt: skip
+
+
+def import_line(h5_path: Path, out: Path) -> str:
+    """The one line of an import-h5 that exits 2 (and leaves no store and no debris)."""
+    code, output = invoke("import-h5", h5_path, "--out", out)
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+    return lines[0].removeprefix("error: ")
+
+
+def test_damaged_hdf5_attributes_are_named(exported, tmp_path):
+    out = tmp_path / "back.zarr"
+    with h5py.File(exported, "r+") as h5:
+        good = h5.attrs["provenance"]
+        h5.attrs["provenance"] = good[:-1]  # its closing brace lost
+    assert import_line(exported, out) == (
+        f"{exported}: attribute provenance is not valid JSON (Expecting ',' delimiter)"
+    )
+    with h5py.File(exported, "r+") as h5:
+        h5.attrs["provenance"] = good
+        h5.attrs["shard_size"] = 0
+    assert import_line(exported, out) == (
+        f"{exported}: attribute shard_size is 0, expected a whole number of rows of at least 1: "
+        f"the export is damaged"
+    )
+    with h5py.File(exported, "r+") as h5:
+        h5.attrs["shard_size"] = 16
+        del h5["done"]
+    assert import_line(exported, out) == f"{exported}: not a tats-extract export: no /done"
+
+
+def test_hdf5_rows_must_be_those_the_ledger_records(exported, tmp_path):
+    """/done is checked against the ledger, and rows outside it must hold nothing: an export
+    whose ledger was lost, or whose data spills into rows not done, is refused (it imported,
+    exit 0, and failed verify afterwards)."""
+    out = tmp_path / "back.zarr"
+    with h5py.File(exported, "r+") as h5:
+        ledger = list(h5["ledger"].asstr()[...])
+        del h5["ledger"]
+        h5.create_dataset("ledger", data=[], dtype=h5py.string_dtype())
+    assert import_line(exported, out) == (
+        f"{exported}: /done marks 72 rows done, the ledger records 0 (row 0 is done in /done but "
+        f"in no ledger record): the export is damaged"
+    )
+    # Unit 1 (rows 16..31) left out of the ledger and of /done: its rows still hold data.
+    with h5py.File(exported, "r+") as h5:
+        del h5["ledger"]
+        h5.create_dataset("ledger", data=ledger[:1] + ledger[2:], dtype=h5py.string_dtype())
+        h5["done"][16:32] = False
+    assert import_line(exported, out) == (
+        f"{exported}: row 16 holds data in positions, visible, valid, query_frame, subset, "
+        f"frames, num_frames, frame_size but is not done (no ledger record has it): the export "
+        f"is damaged"
+    )
+
+
+def test_export_and_import_paths_are_checked_before_any_work(synth_stores, exported, tmp_path):
+    """A folder where the HDF5 file goes, a file where a folder goes: exit 2 first (they were
+    exit 3 after the whole export or import)."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    code, output = invoke("export", synth_stores.tracks, folder, "--format", "h5", "--manifest",
+                          synth_stores.manifest)  # fmt: skip
+    assert code == 2 and output.strip() == (
+        f"error: {folder}: a folder; the HDF5 export is one file: give its path (e.g. "
+        f"{folder / 'store.h5'})"
+    ), output
+    assert not list(folder.iterdir())
+    code, output = invoke("export", synth_stores.tracks, exported, "--format", "npz",
+                          "--manifest", synth_stores.manifest)  # fmt: skip
+    assert code == 2 and output.strip() == (
+        f"error: {exported}: a file; the NPZ export is a folder of files: give a folder"
+    ), output
+    assert import_line(exported, exported / "sub.zarr") == (
+        f"{exported / 'sub.zarr'}: {exported} is a file, not a folder"
+    )
