@@ -24,6 +24,7 @@ from tats.checkpoints import load_checkpoint
 from tats.manifest import read_manifest
 from tats.model import ModelConfig, TATsModel
 from tats.pipeline import queries as Q
+from tats.pipeline import semantic as S
 from tats.pipeline.backbones import create_backbone
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.trackers import create_tracker
@@ -165,6 +166,24 @@ def test_features_stage_in_bf16_matches_fp32(tmp_path):
     backbone = create_backbone("dinov2_vitb14", weights=weights, device="cuda")
     conv = backbone.model.patch_embed.proj.weight
     assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_clustering_backbone_stays_fp32_on_cuda(tmp_path):
+    # Trokens clusters fp32 features (`point_tracking/feat_extractor.py`): on CUDA the
+    # clustering backbone does not enter the features stage's bf16 autocast, and says so.
+    # Against fp32 on the CPU it must be much closer than the bf16 backbone (0.4% above).
+    weights = tmp_path / "dinov2_vitb14.pth"
+    torch.save(official_state_dict(random_vit("vit_base_patch14_dinov2", 518)), weights)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 120, 160, 3), dtype=np.uint8)
+    features = {}
+    for device in ("cuda", "cpu"):
+        backbone = S.clustering_backbone("dinov2_vitb14", str(weights), device)
+        assert backbone.precision == backbone.identity["precision"] == "fp32"
+        features[device] = backbone.encode([frames]).cpu()
+    bf16 = create_backbone("dinov2_vitb14", weights=weights, device="cuda",
+                           preprocess=S.PREPROCESS).encode([frames]).cpu()  # fmt: skip
+    cpu = features["cpu"]
+    assert (features["cuda"] - cpu).norm() < 0.5 * (bf16 - cpu).norm()
 
 
 # ------------------------------------------------------------------ training
