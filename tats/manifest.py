@@ -19,6 +19,7 @@ import os
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -50,22 +51,40 @@ class PackedStrings(Sequence[str]):
 
     def __init__(self, values: Iterable[str] = ()):
         self._data, self._ends = bytearray(), array("q")
+        self._pending: list[str] = []  # appended, not yet packed: packed in blocks (fast)
         for value in values:
             self.append(value)
 
     def append(self, value: str) -> None:
-        self._data += value.encode()
-        self._ends.append(len(self._data))
+        self._pending.append(value)
+        if len(self._pending) >= 4096:
+            self._pack()
+
+    def _pack(self) -> None:
+        pending, self._pending = self._pending, []
+        text = "".join(pending)
+        data = text.encode()
+        ascii = len(data) == len(text)
+        lengths = map(len, pending) if ascii else (len(v.encode()) for v in pending)
+        self._ends.extend(accumulate(lengths, initial=len(self._data)))
+        del self._ends[len(self._ends) - len(pending) - 1]  # the initial value
+        self._data += data
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self._ends) + len(self._pending)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        if self._pending:
+            self._pack()
         end = self._ends[i]  # IndexError for a row outside
         i %= len(self._ends)
         return self._data[self._ends[i - 1] if i else 0 : end].decode()
+
+    def __getstate__(self) -> dict:
+        self._pack()
+        return self.__dict__
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,17 +244,22 @@ class RowChecker:
         self._split_of_label: dict[str, tuple[str, str]] = {}
 
     def check(self, where: str, video_id: str, path: str, label: str, split: str) -> None:
-        self.check_fields(where, dict(zip(COLUMNS, (video_id, path, label, split), strict=True)))
+        for value in (video_id, path, label, split):
+            if not value or "\n" in value or "\r" in value:
+                values = (video_id, path, label, split)
+                self.check_fields(where, dict(zip(COLUMNS, values, strict=True)))
         if split not in SPLITS:
             raise ManifestError(
                 f"{where}: unknown split {split!r} (expected one of {', '.join(SPLITS)})"
             )
         self.check_id(where, video_id)
-        first_split, first_where = self._split_of_label.setdefault(label, (split, where))
-        if first_split != split:
+        first = self._split_of_label.get(label)
+        if first is None:
+            self._split_of_label[label] = (split, where)
+        elif first[0] != split:
             raise ManifestError(
-                f"{where}: class {label!r} is in split {split!r} but also in {first_split!r} "
-                f"(at {first_where}); few-shot splits need disjoint classes"
+                f"{where}: class {label!r} is in split {split!r} but also in {first[0]!r} "
+                f"(at {first[1]}); few-shot splits need disjoint classes"
             )
 
     def check_fields(self, where: str, values: dict[str, str]) -> None:
@@ -248,7 +272,7 @@ class RowChecker:
 
     def check_id(self, where: str, video_id: str) -> None:
         """A video id seen by no earlier check."""
-        seen = len(self._wheres)
+        seen = len(self._id_at)
         first = self._id_at.setdefault(video_id, seen)
         if first < seen:
             raise ManifestError(
@@ -272,8 +296,9 @@ def read_manifest(
     extra = {n: PackedStrings() for n in header if n not in COLUMNS}
     checker, ids, paths = RowChecker(), PackedStrings(), PackedStrings()
     labels, splits, label_code = array("i"), bytearray(), {}
+    fixed = operator.itemgetter(*COLUMNS)
     for where, values in table.records():
-        video_id, rel, label, split = (values[name] for name in COLUMNS)
+        video_id, rel, label, split = fixed(values)
         checker.check(where, video_id, rel, label, split)
         if check_files:
             _video_path(where, root, rel, check_files)
@@ -368,7 +393,7 @@ class _Table:
         with self._file, self._errors(None):
             for record in reader:
                 where = f"{path}:{reader.line_num}"
-                if not any(value.strip() for value in record):
+                if not "".join(record).strip():
                     continue
                 if len(record) != len(header):
                     raise ManifestError(
