@@ -10,10 +10,14 @@ from pathlib import Path
 from tats.manifest import VideoRow
 from tats.pipeline.decoders import DecoderPool
 
+# Generous: rows that return at once must come back within it on a machine busy with other
+# work; the tests wait on what happened (a crash's marker file), never on a guess of speed.
+TIMEOUT = 3.0
+
 
 def _load(row: VideoRow) -> str:
     if row.video_id == "crash":
-        time.sleep(0.2)
+        row.path.with_name(f"crashed-{os.getpid()}").touch()
         os.kill(os.getpid(), signal.SIGKILL)
     if row.video_id == "hang":
         time.sleep(60)
@@ -31,10 +35,14 @@ def test_crash_while_the_consumer_is_busy_past_the_timeout_fails_only_that_row(t
     # The consumer (the model, in a stage) holds on to the first row for longer than the
     # timeout while the second row's process dies: that row is a crash, not a timeout, and
     # the pool carries on with the rest.
-    with DecoderPool(_load, 2, timeout=0.5) as pool:
+    with DecoderPool(_load, 2, timeout=TIMEOUT) as pool:
         loaded = pool.map(_rows(tmp_path, ["a", "crash", "b"]))
         first = next(loaded)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("crashed-*")):
+            assert time.monotonic() < deadline, "the crashing row never ran"
+            time.sleep(0.01)
+        time.sleep(TIMEOUT)  # past the timeout of the dead process's row
         rest = list(loaded)
     assert (first.data, first.error) == ("a", None)
     assert [item.row.video_id for item in rest] == ["crash", "b"]
@@ -43,7 +51,7 @@ def test_crash_while_the_consumer_is_busy_past_the_timeout_fails_only_that_row(t
 
 
 def test_hanging_row_times_out_and_the_others_are_decoded(tmp_path):
-    with DecoderPool(_load, 2, timeout=1.0) as pool:
+    with DecoderPool(_load, 2, timeout=TIMEOUT) as pool:
         loaded = list(pool.map(_rows(tmp_path, ["a", "hang", "b", "c"])))
     assert [item.data for item in loaded] == ["a", None, "b", "c"]
-    assert "hang.mp4: decoding timed out after 1 s" in loaded[1].error
+    assert f"hang.mp4: decoding timed out after {TIMEOUT:g} s" in loaded[1].error
