@@ -1,5 +1,7 @@
 import json
+import re
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -255,6 +257,55 @@ def test_no_common_done_rows_is_an_error(synth_stores, tmp_path):
     fail_rows(tracks, range(72))
     with pytest.raises(StoreError, match="no video is done in both"), pytest.warns(EpisodeWarning):
         EpisodeData.open(tracks, synth_stores.features, synth_stores.manifest)
+
+
+def count_reads(monkeypatch) -> tuple[Counter, Counter]:
+    """What reading stores costs from now on: Zstd chunk decodes, and reads by store key, counted
+    by wrappers around zarr's own codec and local store."""
+    from zarr.codecs import ZstdCodec
+    from zarr.storage import LocalStore
+
+    decodes, keys = Counter(), Counter()
+    decode, get = ZstdCodec._decode_sync, LocalStore.get
+
+    def counted_decode(self, *args, **kwargs):
+        decodes["chunks"] += 1
+        return decode(self, *args, **kwargs)
+
+    async def counted_get(self, key, *args, **kwargs):
+        keys[key] += 1
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(ZstdCodec, "_decode_sync", counted_decode)
+    monkeypatch.setattr(LocalStore, "get", counted_get)
+    return decodes, keys
+
+
+def test_opening_reads_the_shards_of_done_rows_only_a_chunk_each(
+    synth_stores, tmp_path, monkeypatch
+):
+    # Shard 1 (rows 16..31) done in both stores, the other four failed.
+    paths = {}
+    for name in ("tracks", "features"):
+        paths[name] = tmp_path / f"{name}.zarr"
+        shutil.copytree(getattr(synth_stores, name), paths[name])
+        fail_rows(paths[name], [r for r in range(72) if not 16 <= r < 32])
+    decodes, keys = count_reads(monkeypatch)
+    data = EpisodeData.open(paths["tracks"], paths["features"], synth_stores.manifest)
+    assert data.usable.tolist() == list(range(16, 32))
+    chunks = [re.match(r"(\w+)/c[./](\d+)", key) for key in keys]
+    assert {m.group(2) for m in chunks if m} == {"1"}  # no other shard's file is read
+    # Frames, frame sizes and frame counts of tracks, frames and counts of features: one chunk
+    # decode each for the 16 rows, none per row.
+    assert decodes["chunks"] == 5
+    monkeypatch.undo()
+    whole = EpisodeData.open(synth_stores.tracks, synth_stores.features, synth_stores.manifest)
+    np.testing.assert_array_equal(data.frames[16:32], whole.frames[16:32])
+    np.testing.assert_array_equal(data.frame_size[16:32], whole.frame_size[16:32])
+    assert (data.frames[:16] == -1).all() and (data.frame_size[32:] == 0).all()  # not read
+    with pytest.warns(EpisodeWarning, match="fewer than 2 usable videos"):
+        train = data.dataset("train", EpisodeSpec(2, 1, 1), ReadOptions(), seed=0)
+    assert set(train[(0, 0)]["rows"].tolist()) <= set(range(16, 32))
 
 
 def test_padded_cluster_subsets_are_seeded_and_sample_every_cluster():
