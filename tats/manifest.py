@@ -54,13 +54,15 @@ class PackedStrings(Sequence[str]):
         self._pending: list[str] = []  # appended, not yet packed: packed in blocks (fast)
         for value in values:
             self.append(value)
+        self.pack()
 
     def append(self, value: str) -> None:
         self._pending.append(value)
         if len(self._pending) >= 4096:
-            self._pack()
+            self.pack()
 
-    def _pack(self) -> None:
+    def pack(self) -> None:
+        """Pack the strings appended since the last pack (appending is done: call it once)."""
         pending, self._pending = self._pending, []
         text = "".join(pending)
         data = text.encode()
@@ -76,14 +78,17 @@ class PackedStrings(Sequence[str]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        if self._pending:
-            self._pack()
-        end = self._ends[i]  # IndexError for a row outside
-        i %= len(self._ends)
-        return self._data[self._ends[i - 1] if i else 0 : end].decode()
+        i, n, packed = operator.index(i), len(self), len(self._ends)
+        if not -n <= i < n:
+            raise IndexError(f"string {i} of {n}")
+        i %= n
+        if i >= packed:  # reading never packs: readers in several threads change nothing
+            return self._pending[i - packed]
+        return self._data[self._ends[i - 1] if i else 0 : self._ends[i]].decode()
 
     def __getstate__(self) -> dict:
-        self._pack()
+        if self._pending:
+            self.pack()
         return self.__dict__
 
 
@@ -310,6 +315,8 @@ def read_manifest(
             column.append(values[name])
     if not ids:
         raise ManifestError(f"{path}:2: no videos listed")
+    for column in (ids, paths, *extra.values()):
+        column.pack()
     names = sorted(label_code)
     sorted_code = np.empty(len(names), np.int32)
     sorted_code[[label_code[n] for n in names]] = np.arange(len(names))
