@@ -219,3 +219,40 @@ def test_eval_and_viz_refuse_stores_unlike_the_training_stores(
     commands = checkpoint_commands(trokens, semantic_stores, lists, tmp_path)
     code, stdout, stderr = invoke(*commands["eval-only"])
     assert code == OK and stdout.startswith("test: "), stdout + stderr
+
+
+def test_path_mistakes_exit_2_before_any_work(tats_run, lists, tmp_path):
+    """`tats predict --out` an existing file, `tats report` where report.md is a folder: exit 2
+    first (they were exit 3, "rerun to resume", after the work)."""
+    support, query = lists
+    best = tats_run / "tats" / "checkpoints" / "best.pt"
+    taken = tmp_path / "results.txt"
+    taken.write_text("my notes\n")
+    line = one_line(*invoke("predict", "--checkpoint", best, "--support", support, "--query",
+                            query, "--out", taken, "--workers", "0", "--no-progress"))  # fmt: skip
+    assert line == (f"{taken}: a file, not a folder; --out is the folder the stores and "
+                    f"predictions go to")  # fmt: skip
+    assert taken.read_text() == "my notes\n"
+
+    (tats_run / "report.md").mkdir()
+    try:
+        line = one_line(*invoke("report", tats_run))
+    finally:
+        (tats_run / "report.md").rmdir()
+    assert line == f"{tats_run / 'report.md'}: a folder; the report is written as this file"
+    assert not (tats_run / "tracks.png").exists() and not list(tats_run.glob("*.png"))
+
+
+def test_a_timing_without_its_start_names_the_entry(tats_run, tmp_path):
+    """A timings.json entry without `started` (hand-edited, or another tool's): exit 2 naming
+    the file and the entry (it was a KeyError, exit 4)."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tats_run, run)
+    timings = run / "timings.json"
+    timings.write_text(json.dumps([{"stage": "tracks", "started": 1.0e9, "seconds": 2.0},
+                                   {"stage": "features", "seconds": 3.0}]))  # fmt: skip
+    line = one_line(*invoke("report", run))
+    assert line == f"{timings}: entry 2 (features) has no 'started' (a Unix time in seconds)"

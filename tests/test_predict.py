@@ -13,7 +13,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from tats.checkpoints import load_checkpoint, save_checkpoint
+from tats.checkpoints import check_identity, load_checkpoint, save_checkpoint
 from tats.cli import app
 from tats.episodes import EpisodeData, EpisodeSpec, SplitClasses
 from tats.evaluate import (
@@ -29,7 +29,7 @@ from tats.pipeline.backbones import Preprocess
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.pipeline.weights import file_sha256
-from tats.predict import Prototypes, check_identity, match
+from tats.predict import Prototypes, match
 from tats.runtime import Runtime
 from tats.train import config_from_dict, train
 
@@ -421,3 +421,38 @@ def test_predict_matches_the_stacked_prototypes_batch_by_batch(synth_stores, che
         )
         expected = hausdorff_distances(frame_embeddings(tokens[first[-1] :]), class_frames)
     assert distances.shape == (3, 3) and torch.equal(distances, expected)
+
+
+def test_one_support_class_warns_and_no_cell_starts_a_formula(checkpoint, held_out, tmp_path):
+    """One support class: every query gets it with score 1.0, so the run warns (exit 0, as
+    before). Ids and labels that a spreadsheet would run as formulas (=, +, -, @) are written
+    with a ' in front in predictions.csv and failed.csv; other cells are as given."""
+    name = sorted(held_out)[0]
+    clips = held_out[name]
+    label = '=HYPERLINK("http://example.com","open")'
+    support = tmp_path / "support.csv"
+    with open(support, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video_id", "path", "label"])
+        writer.writerows([["+1", clips[0].path, label], ["plain", clips[1].path, label]])
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    query = tmp_path / "query.csv"
+    query.write_text(f"video_id,path\n-2+3,{clips[2].path}\n@SUM(1),{clips[3].path}\n"
+                     f"ok_id,{clips[4].path}\n=broken,{broken}\n")  # fmt: skip
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="one class") as caught:  # printed as "warning: ..."
+        code, stdout, stderr = invoke(
+            "--checkpoint", checkpoint, "--support", support, "--query", query, "--out", out
+        )
+    assert code == 1, stdout + stderr  # the broken query
+    assert [str(w.message) for w in caught if "one class" in str(w.message)] == [
+        f"{support}: one class ({label!r}): every query is predicted as it, with score 1.0; "
+        f"list clips of two or more classes to tell them apart"
+    ]
+    rows = read_predictions(out / "predictions.csv")
+    assert [r["video_id"] for r in rows] == ["'-2+3", "'@SUM(1)", "ok_id"]
+    assert {r["predicted"] for r in rows} == {"'" + label}
+    assert [float(r[f"score_{label}"]) for r in rows] == [1.0, 1.0, 1.0]
+    failed = list(csv.DictReader(open(out / "failed.csv")))
+    assert [f["video_id"] for f in failed] == ["'=broken"]
