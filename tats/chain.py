@@ -126,7 +126,10 @@ def resolve_run(
     method = train_options.get("method")
     source = str(train_file or (chosen.path if chosen else "tats run"))
 
-    tracks_options = {**(chosen.tracks_options() if chosen else {}), **given_tracks}
+    recipe_tracks = chosen.tracks_options() if chosen else {}
+    if chosen is not None and method != chosen.method:  # the other method's queries, then
+        recipe_tracks = {k: v for k, v in recipe_tracks.items() if k not in TRACKS_KEYS}
+    tracks_options = {**recipe_tracks, **given_tracks}
     try:
         tracks_options = with_method({"method": method, **tracks_options}, TRACKS_KEYS)
     except ValueError as error:

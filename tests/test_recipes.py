@@ -306,6 +306,13 @@ def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
     assert tracks["queries"] == "uniform:8" and tracks["semantic"] is None
     assert tracks["frames"] == config["stages"]["features"]["frames"] == 4
     assert config["stages"]["features"]["backbone"] == "pixels"
+    # Another method than the recipe's: that method's queries and training options.
+    result = invoke("run", "--recipe", "tats/hmdb", "--method", "trokens", "--manifest", "m.csv",
+                    "--out", str(tmp_path / "run"), "--print-config")  # fmt: skip
+    config = json.loads(result.output)
+    assert config["stages"]["tracks"]["queries"] == "semantic"
+    assert config["trainings"]["train"]["motion"] == "both"
+    assert config["trainings"]["train"]["episodes"] == 100  # the recipe's all the same
 
 
 def test_a_bad_recipe_name_is_bad_input(tmp_path):

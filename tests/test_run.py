@@ -111,16 +111,17 @@ def test_report_on_a_copy_reads_the_copys_stores(project, tmp_path):
 def test_report_finds_the_manifest_of_a_run_folder_moved_alone(project, tmp_path):
     alone = tmp_path / "alone"
     shutil.copytree(project["path"] / "run", alone)  # without the project's data beside it
-    result = report(alone, cwd=tmp_path)  # the manifest: at its absolute path
+    shutil.copytree(project["path"] / "data", project["made"] / "data")  # where it was
+    try:
+        result = report(alone, cwd=tmp_path)  # the manifest: at its absolute path
+    finally:
+        shutil.rmtree(project["made"])
     assert result.returncode == 0, result.stderr
     # Without the manifest anywhere: one line naming where it was looked for, exit 2.
-    record = json.loads((alone / "run.json").read_text())
-    record["manifest_absolute"] = str(tmp_path / "gone" / "manifest.csv")
-    (alone / "run.json").write_text(json.dumps(record))
     result = report(alone, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {alone / 'run.json'}: the run's manifest is not at")
-    assert "gone/manifest.csv (not found)" in result.stderr
+    assert f"{project['made'] / 'data' / 'manifest.csv'} (not found)" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
