@@ -124,8 +124,9 @@ def tracks(
     video_root: Path | None = VIDEO_ROOT,
     tracker: str = typer.Option(
         "cotracker3",
-        help="Point tracker: cotracker3 (needs its weights), cotracker3-online, or lk "
-        "(OpenCV Lucas-Kanade, no weights).",
+        help="Point tracker: cotracker3 (needs its weights), cotracker3-online, lk "
+        "(OpenCV Lucas-Kanade, no weights), or official (the official cotracker package: "
+        "CoTracker3, or the TATs paper's CoTracker2 with --tracker-option model=cotracker2).",
     ),
     checkpoint: Path | None = typer.Option(
         None, help="Tracker weights (.pth) [default: the torch hub cache, where it has them]."
@@ -134,7 +135,9 @@ def tracks(
         [],
         help="A tracker setting KEY=VALUE, repeatable; cotracker3: from_query_frame=false "
         "(track whole clips, as the official code), passes=per_query_frame, "
-        "max_offline_frames=N, online_checkpoint=PATH, precision=fp32.",
+        "max_offline_frames=N, online_checkpoint=PATH, precision=fp32; official: "
+        "model=cotracker2 (or cotracker2v1, cotracker3), passes=per_query_frame, "
+        "support_grid=false, online=true.",
     ),
     grid: int = typer.Option(16, help="Grid size G: G x G points at every query frame."),
     queries: str = typer.Option(

@@ -84,8 +84,35 @@ def resolve_checkpoint(checkpoint: str | Path | None, kind: str = "offline") -> 
     return path
 
 
+# CoTracker2's transformer input is 456 wide (CoTracker3's 1110); its `time_emb` is as long
+# as its window: 8 in `cotracker2.pth`, 16 in `cotracker2v1.pth` (facebookresearch/co-tracker,
+# `cotracker/models/core/cotracker/cotracker.py` and `hubconf.py`).
+COTRACKER2_INPUT_DIM = 456
+COTRACKER2_WINDOWS = {8: "cotracker2", 16: "cotracker2v1"}
+
+
+def checkpoint_family(state: dict) -> str | None:
+    """Which official model a state dict is: "cotracker3", "cotracker2" or "cotracker2v1"
+    (told by its keys and its time embedding), None when it is none of them."""
+    time_emb = state.get("time_emb")
+    shape = tuple(getattr(time_emb, "shape", ()))
+    if "track_feat_updater.0.weight" in state or shape[-1:] == (COTRACKER2_INPUT_DIM,):
+        return COTRACKER2_WINDOWS.get(shape[1] if len(shape) == 3 else None, "cotracker2")
+    if "updateformer.vis_conf_head.weight" in state and "corr_mlp.fc1.weight" in state:
+        return "cotracker3"
+    return None
+
+
 def check_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Raise CheckpointError naming the first key or shape that does not fit `model`."""
+    """Raise CheckpointError naming the first key or shape that does not fit `model` (a
+    CoTracker2 checkpoint is named as such)."""
+    family = checkpoint_family(state)
+    if family is not None and family != "cotracker3":
+        raise CheckpointError(
+            f"{source}: a CoTracker2 checkpoint ({family}), which tats' CoTracker3 cannot run: "
+            f"use --tracker official --tracker-option model={family} with the official "
+            "cotracker package (pip install git+https://github.com/facebookresearch/co-tracker)"
+        )
     expected = model.state_dict()
     for key, value in expected.items():
         if key not in state:
