@@ -85,9 +85,9 @@ PRESETS = {
         "train": dict(MODEL, train_queries=3, episodes=60, epochs=5, lr=1e-3, warmup_epochs=1,
                       lr_steps=[4], val_episodes=100, test_episodes=1000),
     },
-    # cpu-short with 4 points per cluster: the 12 clusters of a clip give 48 points, fewer
-    # than the 64-point subset, as Trokens' 12 to 16 clusters of 16 points are fewer than its
-    # 256 (a quarter of every read is fill): the case where the two fills differ.
+    # cpu-short with 4 points per cluster: a clip's 12 clusters give
+    # 48 points, fewer than the 64-point subset, as Trokens' 12 to 16 clusters of 16 points are
+    # fewer than its 256 (a quarter of every read is fill): where the two fills differ.
     "cpu-fill": {
         "synth": SynthConfig(videos_per_class=20, frames=24),
         "tracks": TracksConfig(tracker="lk", grid=8, subset=64),
