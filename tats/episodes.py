@@ -357,21 +357,41 @@ def done_field(store: RowStore, name: str, rows: np.ndarray) -> np.ndarray:
 
 def warn_padding(data: EpisodeData, classes: SplitClasses, options: ReadOptions) -> float:
     """Warn (EpisodeWarning) where most of the points training reads are padding: masked in
-    attention, padding still enters the matching's mean over points, and a model whose tokens
-    are mostly padding may learn nothing. Returns the share."""
+    attention, padding still costs as much as a point and enters the matching's mean over
+    points. Returns the share."""
     share = data.padding_share(classes, options)
     if share > PADDING_LIMIT:
         real = data.points * (1 - share)
         fits = 2 ** max(3, int(np.log2(max(real, 1))))
         warnings.warn(
             f"{share:.0%} of the {data.points} points per clip that training reads are padding: "
-            f"{data.tracks.path.name}'s clips keep {real:.0f} of them on average. Padding enters "
-            f"the matching's mean over points and can keep the model at chance; extract tracks "
+            f"{data.tracks.path.name}'s clips keep {real:.0f} of them on average. Padding costs "
+            f"as much as a point and enters the matching's mean over points; extract tracks "
             f"with --subset {fits} (or more points per clip: a larger --grid)",
             EpisodeWarning,
             stacklevel=2,
         )
     return share
+
+
+def warn_augmented_pixels(data: EpisodeData, options: ReadOptions) -> bool:
+    """Warn (EpisodeWarning) where training reads augmented views of `pixels` features most of
+    the time: those features are the colour statistics that the views' photometric
+    augmentation rewrites. On `tats synth` data (the demo's) a model so trained stayed at
+    chance (docs/index.md). Returns whether it warned."""
+    backbone = data.features.provenance.get("backbone", {}).get("name")
+    augmented = data.views - 1 if options.random_view else 0
+    if backbone != "pixels" or 2 * augmented <= data.views:
+        return False
+    warnings.warn(
+        f"training reads an augmented view for {augmented} of every {data.views} clips "
+        f"({data.features.path.name}), and `pixels` features are the colour statistics that "
+        f"augmentation rewrites: on the demo's data such a model stayed at chance. Extract "
+        f"features with --views 2, or train with --no-augment",
+        EpisodeWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 class ClipReader:

@@ -46,6 +46,7 @@ from tats.episodes import (
     EpisodeWarning,
     ReadOptions,
     SplitClasses,
+    warn_augmented_pixels,
     warn_padding,
 )
 from tats.evaluate import (
@@ -339,6 +340,7 @@ def train(config: TrainConfig) -> RunResult:
                               cfg.cluster_sampling, cfg.fill)  # fmt: skip
         train_set = data.dataset("train", train_spec, options, cfg.seed, rt.rank, train_classes)
         warn_padding(data, train_classes, options)
+        warn_augmented_pixels(data, options)
         test_classes = None
         if cfg.test_episodes:
             test_classes = data.classes("test", test_spec.per_class, cfg.way)

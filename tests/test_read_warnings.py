@@ -1,5 +1,6 @@
-"""Training warns where most of the points it reads are padding (issue: the demo's data with
-the default --subset 256 kept the model at chance), naming the cause and the remedy."""
+"""Training warns, naming the remedy, where what it reads cannot be what the user meant: most
+of the points padding, or augmented views of `pixels` features most of the time (the demo's
+data with the default --views 5 kept the model at chance)."""
 
 import warnings
 
@@ -7,6 +8,8 @@ import pytest
 
 from tats.episodes import EpisodeData, EpisodeSpec, EpisodeWarning, ReadOptions
 from tats.manifest import read_manifest
+from tats.pipeline.backbones import Preprocess
+from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.train import config_from_dict, train
 
@@ -52,4 +55,19 @@ def test_training_on_a_subset_the_clips_fill_does_not_warn(synth_stores, tmp_pat
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(config_from_dict(options))
-    assert not [w for w in caught if "padding" in str(w.message)]
+    assert not [w for w in caught if "padding" in str(w.message) or "augment" in str(w.message)]
+
+
+def test_training_on_mostly_augmented_pixels_features_warns(synth_dataset, synth_stores, tmp_path):
+    features = tmp_path / "features.zarr"
+    config = FeaturesConfig(backbone="pixels", views=3, preprocess=Preprocess(size=112),
+                            shard_size=16)  # fmt: skip
+    extract_features(read_manifest(synth_dataset), features, config, workers=0, progress=False)
+    options = dict(tracks=str(synth_stores.tracks), features=str(features),
+                   manifest=str(synth_stores.manifest), **TINY)  # fmt: skip
+    with pytest.warns(EpisodeWarning, match=r"augmented view for 2 of every 3 .*--views 2"):
+        train(config_from_dict({**options, "out": str(tmp_path / "run")}))
+    with warnings.catch_warnings(record=True) as caught:  # view 0 only: nothing augmented
+        warnings.simplefilter("always")
+        train(config_from_dict({**options, "out": str(tmp_path / "plain"), "augment": False}))
+    assert not [w for w in caught if "augment" in str(w.message)]
