@@ -143,11 +143,6 @@ class ManifestRows(Sequence[VideoRow]):
         return self._index
 
     @property
-    def video_ids(self) -> Sequence[str]:
-        ids = self._columns.video_ids
-        return ids if self._index is None else [ids[i] for i in self._index.tolist()]
-
-    @property
     def label_names(self) -> tuple[str, ...]:
         """Every class of the manifest, sorted."""
         return self._columns.label_names
