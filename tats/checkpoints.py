@@ -90,7 +90,8 @@ def check_checkpoint(state: dict, path: Path) -> None:
     ):
         raise ValueError(f"{damaged} no model weights (a state dict of tensors)")
     with torch.random.fork_rng(devices=[]):  # building the model draws its init
-        expected = TATsModel(model_config).state_dict()
+        model = TATsModel(model_config)
+    expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     wrong = [
@@ -103,6 +104,10 @@ def check_checkpoint(state: dict, path: Path) -> None:
                  for name, keys in (("missing", missing), ("unexpected", unexpected),
                                     ("wrong shape", wrong)) if keys]  # fmt: skip
         raise ValueError(f"{damaged} the weights do not fit its model_config: {'; '.join(parts)}")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # e.g. a dtype that does not convert
+        raise ValueError(f"{damaged} its weights do not load: {_line(error)[:160]}") from None
     broken = [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
     if broken:
         raise ValueError(f"{damaged} weights {', '.join(broken[:3])} hold NaN or infinity")
