@@ -15,7 +15,8 @@ HELP = (
     "training stores were made (rerun to resume), embed every clip, match each query against "
     "every support class. Writes predictions.csv (nearest class, distance and score per class), "
     "metrics.json, failed.csv, and accuracy with confusion.png where queries have labels. "
-    "Exit 1: some videos could not be read (listed; the rest are predicted); 2: bad input; "
+    "The checkpoint (whole), the lists and the options are checked before anything is "
+    "extracted. Exit 1: some videos could not be read (listed; the rest are predicted); 2: bad input; "
     "3: the machine failed (rerun to resume); 4: an error in tats itself (its traceback is "
     "printed)."
 )
