@@ -46,6 +46,7 @@ class RunConfig:
     recipe: str | None = None
     video_root: Path | None = None
     tracker_checkpoint: Path | None = None
+    tracker_options: tuple[tuple[str, object], ...] = ()  # the tracker's constructor options
     weights: Path | None = None  # the features backbone's (and semantic queries' clustering)
     device: str = "cpu"
     workers: int = 2
@@ -66,6 +67,7 @@ class RunConfig:
             "stages": {"tracks": asdict(self.tracks), "features": asdict(self.features)},
             "extraction": {
                 "tracker_checkpoint": _text(self.tracker_checkpoint),
+                "tracker_options": dict(self.tracker_options),
                 "weights": _text(self.weights),
                 "device": self.device,
                 "workers": self.workers,
@@ -98,6 +100,8 @@ def resolve_run(
     features: dict | None = None,
     train: dict | None = None,
     frames: int | None = None,
+    paper_tracker: bool = False,
+    tracker_options: dict | None = None,
     video_root: str | Path | None = None,
     tracker_checkpoint: str | Path | None = None,
     weights: str | Path | None = None,
@@ -108,7 +112,8 @@ def resolve_run(
 ) -> RunConfig:
     """The run's config from the defaults, `recipe`, `train_file` and the options given
     (`tracks`, `features`: stage options; `train`: tats-train's; `frames`: stored frames of
-    both stages). Reads no manifest and no video: bad values raise ValueError, one line."""
+    both stages; `paper_tracker`: the recipe's [paper_tracker] instead of its tracker, under
+    `tracker_options`). Reads no manifest and no video: bad values raise ValueError, one line."""
     from tats.methods import TRACKS_KEYS, with_method
     from tats.pipeline.semantic import SemanticConfig
     from tats.recipes import load_recipe
@@ -127,6 +132,15 @@ def resolve_run(
     source = str(train_file or (chosen.path if chosen else "tats run"))
 
     recipe_tracks = chosen.tracks_options() if chosen else {}
+    tracker_options = dict(tracker_options or {})
+    if paper_tracker:
+        if chosen is None:
+            raise ValueError("--paper-tracker needs --recipe")
+        if "tracker" in given_tracks:
+            raise ValueError("--paper-tracker and --tracker: give one of them")
+        if chosen.paper_tracker:  # else the recipe's tracker is the paper's
+            recipe_tracks["tracker"] = chosen.paper_tracker["tracker"]
+            tracker_options = {**chosen.paper_tracker.get("options", {}), **tracker_options}
     if chosen is not None and method != chosen.method:  # the other method's queries, then
         recipe_tracks = {k: v for k, v in recipe_tracks.items() if k not in TRACKS_KEYS}
     tracks_options = {**recipe_tracks, **given_tracks}
@@ -166,7 +180,8 @@ def resolve_run(
         manifest=manifest, out=out, tracks=tracks_config, features=features_config,
         train=train_config, method=method, recipe=chosen.name if chosen else None,
         video_root=None if video_root is None else Path(video_root).absolute(),
-        tracker_checkpoint=_absolute(tracker_checkpoint), weights=_absolute(weights),
+        tracker_checkpoint=_absolute(tracker_checkpoint),
+        tracker_options=tuple(sorted(tracker_options.items())), weights=_absolute(weights),
         device=device, workers=workers, progress=progress, train_out=train_out,
         unhonoured=chosen.unhonoured if chosen else (),
     )  # fmt: skip
@@ -178,6 +193,7 @@ def stage_recipes(config: RunConfig) -> tuple[TracksRecipe, FeaturesRecipe]:
     return (
         TracksRecipe(
             config.tracks, checkpoint=_text(config.tracker_checkpoint), device=config.device,
+            tracker_options=config.tracker_options,
             cluster_weights=_text(config.weights) if semantic else None,
         ),
         FeaturesRecipe(config.features, weights=_text(config.weights), device=config.device),

@@ -26,7 +26,7 @@ else:  # pragma: no cover
 RECIPES = Path(__file__).parent / "configs"
 TOP_KEYS = {
     "method", "dataset", "deviations", "unhonoured", "source", "paper", "split", "time",
-    "tracks", "features", "train",
+    "tracks", "paper_tracker", "features", "train",
 }  # fmt: skip
 TIME_KEYS = ("frames", "fps", "native_suffixes")  # shared by both stages
 
@@ -77,6 +77,9 @@ class Recipe:
     tracks: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    # The tracker of the paper's numbers where the recipe tracks with another ({"tracker":
+    # name, "options": its tracker options}): `tats run --paper-tracker`. Empty: the same.
+    paper_tracker: dict = field(default_factory=dict)
     deviations: tuple[str, ...] = ()
     unhonoured: tuple[str, ...] = ()
 
@@ -145,7 +148,7 @@ def load_recipe(name: str | Path) -> Recipe:
         if not isinstance(values.get(key), str):
             raise ValueError(f"{path}: {key} must be a string")
     tables = {}
-    for key in ("source", "paper", "split", "time", "tracks", "features", "train"):
+    for key in ("source", "paper", "split", "time", "tracks", "paper_tracker", "features", "train"):
         table = values.get(key, {})
         if not isinstance(table, dict):
             raise ValueError(f"{path}: [{key}] must be a table")
@@ -157,6 +160,13 @@ def load_recipe(name: str | Path) -> Recipe:
         for stage in ("tracks", "features"):
             if key in tables[stage]:
                 raise ValueError(f"{path}: [{stage}] {key}: set it in [time] (both stages)")
+    paper_tracker = tables["paper_tracker"]
+    if paper_tracker and (
+        set(paper_tracker) - {"tracker", "options"}
+        or not isinstance(paper_tracker.get("tracker"), str)
+        or not isinstance(paper_tracker.get("options", {}), dict)
+    ):
+        raise ValueError(f"{path}: [paper_tracker] holds tracker (a name) and options (a table)")
     try:
         paper, split = Paper(**tables["paper"]), Split(**tables["split"])
     except TypeError as error:
@@ -167,6 +177,7 @@ def load_recipe(name: str | Path) -> Recipe:
         name=str(name), path=path, method=values["method"], dataset=values["dataset"],
         source=tables["source"], paper=paper, split=split, time=tables["time"],
         tracks=tables["tracks"], features=tables["features"], train=tables["train"],
+        paper_tracker=paper_tracker,
         deviations=tuple(values.get("deviations", ())),
         unhonoured=tuple(values.get("unhonoured", ())),
     )  # fmt: skip

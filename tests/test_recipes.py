@@ -57,6 +57,16 @@ def tats(yaml, *, frames, episodes, split, paper=None, derived=False):
         "time.fps": (10.0, f"{T} point_tracking/vid_readers.py: get_vid_info max_fps=10"),
         "time.native_suffixes": ([".webm"], f"{T} point_tracking/vid_readers.py: read_webm_video"),
         "tracks.tracker": ("cotracker3", f"{T} point_tracking/README.md (CoTracker3 extractor)"),
+        "paper_tracker.tracker": ("official", f"{T} README.md: POINT_INFO.NAME cotracker2_..."),
+        "paper_tracker.options.model": ("cotracker2", f"{T} README.md: cotracker2_16_uniform_8"),
+        "paper_tracker.options.passes": (
+            "per_query_frame",
+            f"{T} point_tracking/extract_points.py: grid_query_frame loop",
+        ),
+        "paper_tracker.options.support_grid": (
+            False,
+            f"{T} point_tracking/extract_points.py: grid_size only, no support grid",
+        ),
         "tracks.queries": ("uniform:8", f"{T} README.md: POINT_INFO.NAME ..._uniform_8"),
         "tracks.grid": (16, f"{y}: POINT_INFO.GRID_SIZE"),
         "tracks.subset": (256, f"{y}: POINT_INFO.NUM_POINTS_TO_SAMPLE"),
@@ -313,6 +323,31 @@ def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
     assert config["stages"]["tracks"]["queries"] == "semantic"
     assert config["trainings"]["train"]["motion"] == "both"
     assert config["trainings"]["train"]["episodes"] == 100  # the recipe's all the same
+
+
+def test_paper_tracker_runs_the_papers_tracker(tmp_path):
+    def tracking(*options: str) -> tuple[str, dict]:
+        result = invoke("run", *options, "--manifest", "m.csv", "--out", str(tmp_path / "r"),
+                        "--paper-tracker", "--print-config")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        config = json.loads(result.output)
+        return config["stages"]["tracks"]["tracker"], config["extraction"]["tracker_options"]
+
+    # TATs' numbers are CoTracker2's, through the official package; Trokens' are CoTracker3's.
+    assert tracking("--recipe", "tats/ssv2_small") == (
+        "official",
+        {"model": "cotracker2", "passes": "per_query_frame", "support_grid": False},
+    )
+    assert tracking("--recipe", "tats/k100", "--tracker-option", "model=cotracker2v1") == (
+        "official",
+        {"model": "cotracker2v1", "passes": "per_query_frame", "support_grid": False},
+    )
+    assert tracking("--recipe", "trokens/hmdb") == ("cotracker3", {})
+    both = subprocess.run([TATS, "run", "--recipe", "tats/hmdb", "--paper-tracker", "--tracker",
+                           "lk", "-m", "m.csv", "-o", str(tmp_path), "--print-config"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert both.returncode == 2
+    assert "--paper-tracker and --tracker: give one of them" in both.stderr
 
 
 def test_a_bad_recipe_name_is_bad_input(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from tats.cli.common import OK, SOME_FAILED, graceful_termination, input_errors
-from tats.cli.extract import report
+from tats.cli.extract import parse_options, report
 
 
 def run(
@@ -40,6 +40,15 @@ def run(
         "(Trokens: clusters of --backbone's features), beginning, middle, interval:k.",
     ),
     checkpoint: Path | None = typer.Option(None, help="Tracker weights [default: hub cache]."),
+    tracker_option: list[str] = typer.Option(
+        [], help="A tracker setting KEY=VALUE, repeatable (as for tats-extract tracks)."
+    ),
+    paper_tracker: bool = typer.Option(
+        False,
+        "--paper-tracker",
+        help="Track with the tracker of the paper's numbers where the recipe tracks with "
+        "another (TATs: CoTracker2 through the official cotracker package).",
+    ),
     grid: int | None = typer.Option(None, help="Grid size G of the query grids [16]."),
     subset: int | None = typer.Option(
         None, help="Points in the fixed per-video subset training reads [256]."
@@ -90,7 +99,9 @@ def run(
             features=given(backbone=backbone, views=views),
             train=given(epochs=epochs, episodes=episodes, shot=shot, val_episodes=val_episodes,
                         test_episodes=test_episodes, tracks_mode=tracks_mode),
-            frames=frames, video_root=video_root, tracker_checkpoint=checkpoint,
+            frames=frames, paper_tracker=paper_tracker,
+            tracker_options=parse_options(tracker_option), video_root=video_root,
+            tracker_checkpoint=checkpoint,
             weights=weights, device=device, workers=workers, progress=progress,
             train_out=train_out,
         )  # fmt: skip
