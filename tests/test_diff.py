@@ -206,3 +206,22 @@ def test_stores_that_cannot_be_compared_exit_2_with_one_line(stores, tmp_path):
 
     code, _, err = run_diff(stores["lk"], stores["lk"], "--min-cosine", 0.5)
     assert code == 2 and "--min-cosine applies to features stores" in err
+
+
+def test_rows_that_cannot_be_compared_are_listed_and_fail(stores, tmp_path):
+    def other_frames(row, data):
+        if row == 1:
+            data["frames"][1] += 1
+
+    changed_copy(stores["lk"], tmp_path / "other.zarr", other_frames)
+    code, out, err = run_diff(stores["lk"], tmp_path / "other.zarr", "--worst", 1)
+    assert code == 1 and "1 rows could not be compared" in err
+    frames = RowStore.open(stores["lk"]).read_row(1, ("frames",))["frames"]
+    changed = frames.copy()
+    changed[1] += 1
+    problem = f"different stored frames ({frames.tolist()} and {changed.tolist()})"
+    assert f"1    -      {problem}" in out
+    code, out, _ = run_diff(stores["lk"], tmp_path / "other.zarr", "--json")
+    result = json.loads(out)
+    assert result["compared"] == 3 and [p["row"] for p in result["problems"]] == [1]
+    assert result["failures"] == ["1 rows could not be compared"]

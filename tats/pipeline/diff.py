@@ -306,11 +306,11 @@ def _paired_rows(a: RowStore, b: RowStore, rows: list[int]):
 
 
 def _same_frames(a: dict, b: dict) -> str | None:
-    if int(a["num_frames"]) != int(b["num_frames"]) or not np.array_equal(a["frames"], b["frames"]):
-        return (
-            f"different stored frames ({int(a['num_frames'])} and {int(b['num_frames'])} frames "
-            "on the time base)"
-        )
+    """Why two rows are not of the same frames (None when they are)."""
+    if int(a["num_frames"]) != int(b["num_frames"]):
+        return f"different time bases ({int(a['num_frames'])} and {int(b['num_frames'])} frames)"
+    if not np.array_equal(a["frames"], b["frames"]):
+        return f"different stored frames ({a['frames'].tolist()} and {b['frames'].tolist()})"
     return None
 
 
