@@ -308,12 +308,12 @@ def probe_dask(folder: str, rows: int) -> dict:
 
     manifest = read_manifest(_manifest(Path(folder), rows))
     options = RunOptions(workers=1, progress=False)
-    if "manifest" in {f.name for f in dataclass_fields(UnitTask)}:  # before: in every task
+    if [f.name for f in dataclass_fields(UnitTask)][1] == "manifest":  # before: in every task
         task = UnitTask(_Recipe(), manifest, "/tmp/x.zarr", options)
         once = 0
-    else:
-        task = UnitTask(_Recipe(), "/tmp/x.zarr", options)
-        once = len(dumps(manifest))  # sent to each worker once
+    else:  # after: a worker plugin's name; the plugin takes the manifest to each worker once
+        task = UnitTask(_Recipe(), "/tmp/x.zarr", options, "tats-manifest-0123456789ab")
+        once = len(dumps(manifest))
     tic = time.perf_counter()
     size = len(dumps((task, 7)))
     return {"rows": rows, "task_bytes": size, "pickle_seconds": round(time.perf_counter() - tic, 4),

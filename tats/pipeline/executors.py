@@ -5,13 +5,15 @@ or backbone included) and open its store in any process, checking the store's pr
 there too. Both executors run units through `run_stage`, so leases, durable writes and the
 per-video bounds are the same everywhere.
 
-On Dask, the manifest is sent to each worker once (as one task's result; a unit's task holds
-only the recipe, the store's path and the options, so submitting one costs the same at a
-thousand rows and at a million), and each task runs one unit with one decoding process of its
-own (a decoder that crashes takes only that process down). A worker lost while holding a unit
-has its task retried once elsewhere (on the LocalCluster this module starts; a scheduler of
-your own retries as its `distributed.scheduler.allowed-failures` says); a unit whose task
-keeps killing its worker
+On Dask, the manifest is sent to each worker once (in a worker plugin, which the scheduler
+also gives to workers that join or restart later; a unit's task holds only the recipe, the
+store's path, the options and the plugin's name, so submitting one costs the same at a
+thousand rows and at a million, and the tasks stay free of dependencies: the scheduler keeps
+them queued until a worker is free, so a worker's death costs only the unit it computed), and
+each task runs one unit with one decoding process of its own (a decoder that crashes takes
+only that process down). A worker lost while holding a unit has its task retried once
+elsewhere (on the LocalCluster this module starts; a scheduler of your own retries as its
+`distributed.scheduler.allowed-failures` says); a unit whose task keeps killing its worker
 (`KilledWorker`) gets the video its worker was computing recorded as failed, from the dead
 holder's lease progress, and runs again without it. Any other error of a task is reported
 with its unit and stops the run as an infrastructure error once the other units are done.
@@ -20,6 +22,7 @@ with its unit and stops the run as an infrastructure error once the other units 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -96,7 +99,8 @@ def extract(
         with Ledger(store.ledger_dir) as ledger:
             check_sources(store, manifest, ledger, share, ledger.snapshot(num_units))
         store.remove_debris(older_than=lease_timeout)
-        task = UnitTask(recipe, str(out), replace(options, workers=1, progress=False))
+        name = f"tats-manifest-{uuid.uuid4().hex[:12]}"
+        task = UnitTask(recipe, str(out), replace(options, workers=1, progress=False), name)
         return run_on_dask(
             task, manifest, store, share, scheduler, progress, desc=f"{recipe.name} units"
         )
@@ -106,15 +110,19 @@ def extract(
 @dataclass(frozen=True)
 class UnitTask:
     """One unit of a stage, as a Dask task (picklable), with what is known of the videos that
-    killed its earlier workers (`blame`). The manifest comes as an argument: scattered once
-    to each worker, not pickled into every task."""
+    killed its earlier workers (`blame`). The manifest is the one the worker plugin named
+    `manifest` brought to this worker, not pickled into every task."""
 
     recipe: Recipe
     out: str
     options: RunOptions
+    manifest: str  # the name of the worker plugin that holds it
     blame: Blame = Blame(record=True)
 
-    def __call__(self, unit: int, manifest: Manifest) -> RunSummary:
+    def __call__(self, unit: int) -> RunSummary:
+        from distributed import get_worker
+
+        manifest = get_worker().plugins[self.manifest].manifest
         stage = build_stage(self.recipe)
         store = self.recipe.open_store(self.out, manifest, stage)  # provenance checked
         result = run_stage(stage, store, manifest, [unit], self.options, share=[],
@@ -136,7 +144,8 @@ def run_on_dask(
     progress: bool = True,
     desc: str = "units",
 ) -> RunSummary:
-    """Run `task(unit, manifest)` for every unit not finished, on the cluster at `scheduler`.
+    """Run `task(unit)` for every unit not finished, on the cluster at `scheduler`, with
+    `manifest` on every worker (a plugin named `task.manifest`).
 
     `scheduler` is a scheduler address (tcp://host:8786, or a scheduler file path ending in
     .json), or `local` / `local:N` for a LocalCluster of N single-threaded worker processes.
@@ -173,10 +182,8 @@ def run_on_dask(
     broken: list[str] = []
     retries: dict[int, UnitTask] = {}
     try:
-        # A task whose result is the manifest, not scattered data: a worker fetches it once
-        # and keeps it, and where every worker holding it died, the scheduler makes it again.
-        shipped = client.submit(_the, manifest, pure=False)
-        futures = {client.submit(task, u, shipped, pure=False): u for u in todo}
+        client.register_plugin(_manifest_plugin(manifest), name=task.manifest)
+        futures = {client.submit(task, u, pure=False): u for u in todo}
         with tqdm(total=len(todo), desc=desc, unit="unit", disable=not progress) as bar:
             pending = as_completed(futures)
             for future in pending:
@@ -197,7 +204,7 @@ def run_on_dask(
                         reason = "killed its Dask worker process repeatedly while computed"
                         blame = replace(blame, excluded={**blame.excluded, rows[0]: reason})
                     retry = retries[unit] = replace(retry, blame=blame)
-                    new = client.submit(retry, unit, shipped, pure=False)
+                    new = client.submit(retry, unit, pure=False)
                     futures[new] = unit
                     pending.add(new)
                     continue
@@ -206,7 +213,7 @@ def run_on_dask(
                     bar.update()
                     continue
                 if result.units_elsewhere:  # held by a live worker outside this run: try again
-                    new = client.submit(retries.get(unit, task), unit, shipped, pure=False)
+                    new = client.submit(retries.get(unit, task), unit, pure=False)
                     futures[new] = unit
                     pending.add(new)
                     continue
@@ -215,6 +222,8 @@ def run_on_dask(
                 if summary.failures:
                     bar.set_postfix(failed=len(summary.failures), refresh=False)
     finally:
+        if cluster is None:  # a cluster of one's own keeps running: take the manifest back
+            client.unregister_worker_plugin(task.manifest)
         client.close()
         if cluster is not None:
             cluster.close()
@@ -226,8 +235,16 @@ def run_on_dask(
     return summary
 
 
-def _the(manifest: Manifest) -> Manifest:
-    return manifest
+def _manifest_plugin(manifest: Manifest):
+    """A worker plugin that holds `manifest` (defined here: distributed loads on demand; the
+    class travels by value)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ManifestPlugin(WorkerPlugin):
+        def __init__(self, manifest: Manifest):
+            self.manifest = manifest
+
+    return ManifestPlugin(manifest)
 
 
 def _rows_in_flight(store: RowStore, unit: int) -> list[int]:
