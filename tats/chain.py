@@ -213,7 +213,7 @@ def extract_stages(
     options); `clock`: time each stage into that run folder's timings.json; `report(name,
     summary)` after each stage."""
     from tats.pipeline.executors import extract
-    from tats.report import stage_clock
+    from tats.timings import stage_clock
 
     summaries = {}
     for recipe in recipes:
@@ -230,7 +230,7 @@ def run_chain(
 ) -> ChainResult:
     """Both stages, then training, in the run folder; each resumes where it stopped. Videos
     that fail extraction are recorded in the stores and left out of training."""
-    from tats.report import stage_clock
+    from tats.timings import stage_clock
     from tats.train import train
 
     manifest = read_manifest(config.manifest, config.video_root)
