@@ -36,7 +36,8 @@ from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.runtime import Runtime
 from tats.synth import SynthConfig, generate
-from tats.train import config_from_dict, train
+from tats.train import train
+from tats.train_config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTH = SynthConfig(videos_per_class=10)  # the demo's dataset (Makefile)

@@ -45,7 +45,8 @@ from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.semantic import SemanticConfig
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.synth import SynthConfig, generate
-from tats.train import config_from_dict, train
+from tats.train import train
+from tats.train_config import config_from_dict
 
 # The model is the TATs model with a 32-wide projection of the 64-dim pixel features (4 heads);
 # trained on the raw pixel features (width 64, no projection) it did not leave chance level

@@ -38,7 +38,8 @@ from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.runtime import Runtime
 from tats.synth import SynthConfig, generate
-from tats.train import TrainConfig, param_groups, train, train_epoch
+from tats.train import param_groups, train, train_epoch
+from tats.train_config import TrainConfig
 from tats.video import probe, read_frames, timeline
 
 BACKBONE = "dinov2_vitb14"

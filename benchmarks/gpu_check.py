@@ -738,7 +738,8 @@ def step_train(ctx: Context) -> None:
     from tats.model import ModelConfig
     from tats.pipeline.backbones import create_backbone
     from tats.synth import SynthConfig
-    from tats.train import TrainConfig, train
+    from tats.train import train
+    from tats.train_config import TrainConfig
 
     p, device, work = ctx.preset, ctx.device, ctx.scratch
     synth = SynthConfig(classes=p.train_classes, videos_per_class=p.train_videos_per_class,

@@ -41,7 +41,7 @@ class RunConfig:
     out: Path  # the run folder, absolute
     tracks: TracksConfig
     features: FeaturesConfig
-    train: object  # tats.train.TrainConfig, its paths absolute
+    train: object  # tats.train_config.TrainConfig, its paths absolute
     method: str | None = None
     recipe: str | None = None
     video_root: Path | None = None
@@ -117,7 +117,7 @@ def resolve_run(
     from tats.methods import TRACKS_KEYS, with_method
     from tats.pipeline.semantic import SemanticConfig
     from tats.recipes import load_recipe
-    from tats.train import config_from_dict, read_config_file
+    from tats.train_config import config_from_dict, read_config_file
 
     chosen = load_recipe(recipe) if recipe else None
     given_tracks, given_features = dict(tracks or {}), dict(features or {})

@@ -68,7 +68,7 @@ def check_checkpoint(state: dict, path: Path) -> None:
     build, the weights load into that model and are finite, the epoch is a number, and
     `data` (where recorded) holds each store's stage config and identity."""
     from tats.model import ModelConfig, TATsModel
-    from tats.train import config_from_dict
+    from tats.train_config import config_from_dict
 
     damaged = f"{path}: damaged checkpoint:"
     config = state.get("config")

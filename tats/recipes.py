@@ -190,7 +190,7 @@ def _check_options(recipe: Recipe) -> None:
     from tats.pipeline.features import FeaturesConfig
     from tats.pipeline.semantic import SemanticConfig
     from tats.pipeline.tracks import TracksConfig
-    from tats.train import TrainConfig
+    from tats.train_config import TrainConfig
 
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}

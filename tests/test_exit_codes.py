@@ -83,7 +83,8 @@ def one_line(code: int, stdout: str, stderr: str) -> str:
 
 def trained(stores, out: Path, **options) -> Path:
     """The best checkpoint of a tiny training run on `stores` (run folder `out`)."""
-    from tats.train import config_from_dict, train
+    from tats.train import train
+    from tats.train_config import config_from_dict
 
     values = dict(tracks=str(stores.tracks), features=str(stores.features),
                   manifest=str(stores.manifest), out=str(out), **TINY, **options)  # fmt: skip

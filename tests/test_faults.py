@@ -357,7 +357,8 @@ def test_a_cancelled_array_task_resubmitted_alone_finishes_the_store(tracks_data
 
 
 def test_resume_is_refused_when_the_stores_gained_videos(synth_stores, tmp_path):
-    from tats.train import config_from_dict, train
+    from tats.train import train
+    from tats.train_config import config_from_dict
 
     tracks = tmp_path / "tracks.zarr"
     shutil.copytree(synth_stores.tracks, tracks)

@@ -31,7 +31,8 @@ from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.pipeline.weights import file_sha256
 from tats.predict import Prototypes, match
 from tats.runtime import Runtime
-from tats.train import config_from_dict, train
+from tats.train import train
+from tats.train_config import config_from_dict
 
 TRAIN = dict(
     way=5, shot=1, train_queries=3, episodes=40, epochs=4, val_episodes=0, test_episodes=0,

@@ -11,7 +11,8 @@ from tats.manifest import read_manifest
 from tats.pipeline.backbones import Preprocess
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
-from tats.train import config_from_dict, train
+from tats.train import train
+from tats.train_config import config_from_dict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = dict(

@@ -22,14 +22,8 @@ from tats.cli.train import app
 from tats.manifest import read_manifest
 from tats.model import ModelConfig, TATsModel
 from tats.runtime import autocast_dtype
-from tats.train import (
-    TrainConfig,
-    config_from_dict,
-    learning_rate,
-    param_groups,
-    read_config_file,
-    train,
-)
+from tats.train import learning_rate, param_groups, train
+from tats.train_config import TrainConfig, config_from_dict, read_config_file
 
 TATS_TRAIN = str(Path(sys.executable).with_name("tats-train"))
 SMALL = dict(

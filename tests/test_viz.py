@@ -18,7 +18,8 @@ from tats.pipeline.backbones import Preprocess
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.runtime import Runtime
-from tats.train import config_from_dict, train
+from tats.train import train
+from tats.train_config import config_from_dict
 from tats.video import probe
 from tats.viz import GAP, HEADER
 

@@ -125,7 +125,8 @@ def main(
     from tats import viz
     from tats.evaluate import evaluate
     from tats.recipes import load_recipe
-    from tats.train import config_from_dict, read_config_file, train
+    from tats.train import train
+    from tats.train_config import config_from_dict, read_config_file
 
     if "lr_steps" in given:
         given["lr_steps"] = _steps(given["lr_steps"])
