@@ -291,8 +291,9 @@ class UnitLeases:
 
     def _start_heartbeat(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._beat, name="tats-leases", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._beat, name="tats-leases", daemon=True)
+            thread.start()
+            self._thread = thread  # only once started: a SIGTERM in between closes cleanly
 
     def _beat(self) -> None:
         while not self._stop.wait(self.timeout / 6):
