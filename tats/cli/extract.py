@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import typer
 
+from tats.cli import options as opt
 from tats.cli.common import (
     INFRASTRUCTURE,
     OK,
@@ -31,48 +32,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
-)
-
-MANIFEST = typer.Option(..., "--manifest", "-m", help="Dataset manifest CSV.", show_default=False)
-VIDEO_ROOT = typer.Option(
-    None, help="Folder that relative video paths start from [default: the manifest's folder]."
-)
-SHARD_INDEX = typer.Option(
-    None,
-    help="Which share of the work this process starts with, 0-based (it then helps with units "
-    "nobody holds; leases keep every unit to one process at a time) [default: "
-    "$SLURM_ARRAY_TASK_ID, else $RANK, else 0].",
-)
-NUM_SHARDS = typer.Option(
-    None,
-    help="Into how many even, contiguous shares the work is split [default: "
-    "$SLURM_ARRAY_TASK_MAX + 1, else $WORLD_SIZE, else 1].",
-)
-WORKERS = typer.Option(
-    2, help="Decoding processes running ahead of compute (0: decode inline, no time limit)."
-)
-VIDEO_TIMEOUT = typer.Option(
-    600.0, help="Seconds a video may take to decode before it is recorded as failed and its "
-    "decoding process replaced (0: no limit)."
-)
-LEASE_TIMEOUT = typer.Option(
-    180.0, help="Seconds without a heartbeat after which a unit's lease is taken over by another "
-    "worker (a holder's death on the same host is noticed at once)."
-)
-FRAMES = typer.Option(8, help="Frames stored per video (the frames training uses).")
-FPS = typer.Option(10.0, help="Track time base in frames per second; 0 keeps the native rate.")
-WEBM_NATIVE = typer.Option(
-    True, help="Keep .webm videos (Something-Something v2) at their native frame rate."
-)
-SHARD_SIZE = typer.Option(64, help="Videos per store shard (one file per array and shard).")
-PROGRESS = typer.Option(True, help="Show a progress bar.")
-EXECUTOR = typer.Option(
-    "local", help="local: this process and its decoders; dask: one task per unit on --scheduler."
-)
-SCHEDULER = typer.Option(
-    None,
-    help="Dask scheduler: tcp://host:8786, a scheduler file (.json), or local:N for a "
-    "LocalCluster of N workers [default: local:2].",
 )
 
 
@@ -119,26 +78,17 @@ def _finish(summary, what: str) -> None:
 
 @app.command()
 def tracks(
-    manifest: Path = MANIFEST,
+    manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="The tracks store (a .zarr folder)."),
-    video_root: Path | None = VIDEO_ROOT,
+    video_root: Path | None = opt.VIDEO_ROOT,
     tracker: str = typer.Option(
         "cotracker3",
         help="Point tracker: cotracker3 (needs its weights), cotracker3-online, lk "
         "(OpenCV Lucas-Kanade, no weights), or official (the official cotracker package: "
         "CoTracker3, or the TATs paper's CoTracker2 with --tracker-option model=cotracker2).",
     ),
-    checkpoint: Path | None = typer.Option(
-        None, help="Tracker weights (.pth) [default: the torch hub cache, where it has them]."
-    ),
-    tracker_option: list[str] = typer.Option(
-        [],
-        help="A tracker setting KEY=VALUE, repeatable; cotracker3: from_query_frame=false "
-        "(track whole clips, as the official code), passes=per_query_frame, "
-        "max_offline_frames=N, online_checkpoint=PATH, precision=fp32; official: "
-        "model=cotracker2 (or cotracker2v1, cotracker3), passes=per_query_frame, "
-        "support_grid=false, online=true.",
-    ),
+    checkpoint: Path | None = opt.TRACKER_CHECKPOINT,
+    tracker_option: list[str] = opt.TRACKER_OPTION,
     grid: int = typer.Option(16, help="Grid size G: G x G points at every query frame."),
     queries: str = typer.Option(
         "uniform:8",
@@ -170,12 +120,10 @@ def tracks(
         None, help="Semantic queries: the features clustered, a --backbone of the features "
         "stage (pixels: weight-free) [default: dinov2_vitb14]."
     ),
-    cluster_weights: Path | None = typer.Option(
-        None, help="Semantic queries: the clustering backbone's weights [default: its caches]."
-    ),
-    frames: int = FRAMES,
-    fps: float = FPS,
-    webm_native: bool = WEBM_NATIVE,
+    cluster_weights: Path | None = opt.CLUSTER_WEIGHTS,
+    frames: int = opt.FRAMES,
+    fps: float = opt.FPS,
+    webm_native: bool = opt.WEBM_NATIVE,
     min_distance: float = typer.Option(
         16.0, help="Redundancy filter: a later point is kept if it stays this many px away."
     ),
@@ -187,17 +135,17 @@ def tracks(
         512, help="Decode frames with their longer side at most this many px (0: native size); "
         "positions are stored in pixels of the displayed video either way."
     ),
-    shard_size: int = SHARD_SIZE,
-    shard_index: int | None = SHARD_INDEX,
-    num_shards: int | None = NUM_SHARDS,
-    workers: int = WORKERS,
+    shard_size: int = opt.SHARD_SIZE,
+    shard_index: int | None = opt.SHARD_INDEX,
+    num_shards: int | None = opt.NUM_SHARDS,
+    workers: int = opt.WORKERS,
     batch_videos: int = typer.Option(1, help="Videos per tracker call."),
-    device: str = typer.Option("cpu", help="Where the tracker runs: cpu, cuda, cuda:1, ..."),
-    executor: str = EXECUTOR,
-    scheduler: str | None = SCHEDULER,
-    video_timeout: float = VIDEO_TIMEOUT,
-    lease_timeout: float = LEASE_TIMEOUT,
-    progress: bool = PROGRESS,
+    device: str = opt.DEVICE,
+    executor: str = opt.EXECUTOR,
+    scheduler: str | None = opt.SCHEDULER,
+    video_timeout: float = opt.VIDEO_TIMEOUT,
+    lease_timeout: float = opt.LEASE_TIMEOUT,
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Track query points through every video into OUT: a grid at every query frame, or
     semantic points (--queries semantic) tracked both ways."""
@@ -258,21 +206,17 @@ def tracks(
 
 @app.command()
 def features(
-    manifest: Path = MANIFEST,
+    manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="The features store (a .zarr folder)."),
-    video_root: Path | None = VIDEO_ROOT,
+    video_root: Path | None = opt.VIDEO_ROOT,
     backbone: str = typer.Option(
         "dinov2_vitb14",
         help="dinov2_vit{s,b,l}14[_reg] (DINOv2 through timm) or pixels (weight-free).",
     ),
-    weights: Path | None = typer.Option(
-        None,
-        help="Backbone weights: an official dinov2_*_pretrain.pth or a timm / Hugging Face "
-        "checkpoint [default: the Hugging Face and torch hub caches].",
-    ),
-    frames: int = FRAMES,
-    fps: float = FPS,
-    webm_native: bool = WEBM_NATIVE,
+    weights: Path | None = opt.BACKBONE_WEIGHTS,
+    frames: int = opt.FRAMES,
+    fps: float = opt.FPS,
+    webm_native: bool = opt.WEBM_NATIVE,
     views: int = typer.Option(
         5,
         help="Views per video: view 0 plain, the others photometrically augmented (training "
@@ -287,17 +231,17 @@ def features(
     ),
     mean: tuple[float, float, float] = typer.Option(CLIP_MEAN, help="Normalisation mean (RGB)."),
     std: tuple[float, float, float] = typer.Option(CLIP_STD, help="Normalisation std (RGB)."),
-    shard_size: int = SHARD_SIZE,
-    shard_index: int | None = SHARD_INDEX,
-    num_shards: int | None = NUM_SHARDS,
-    workers: int = WORKERS,
+    shard_size: int = opt.SHARD_SIZE,
+    shard_index: int | None = opt.SHARD_INDEX,
+    num_shards: int | None = opt.NUM_SHARDS,
+    workers: int = opt.WORKERS,
     batch_videos: int = typer.Option(4, help="Videos per backbone forward."),
-    device: str = typer.Option("cpu", help="Where the backbone runs: cpu, cuda, cuda:1, ..."),
-    executor: str = EXECUTOR,
-    scheduler: str | None = SCHEDULER,
-    video_timeout: float = VIDEO_TIMEOUT,
-    lease_timeout: float = LEASE_TIMEOUT,
-    progress: bool = PROGRESS,
+    device: str = opt.DEVICE,
+    executor: str = opt.EXECUTOR,
+    scheduler: str | None = opt.SCHEDULER,
+    video_timeout: float = opt.VIDEO_TIMEOUT,
+    lease_timeout: float = opt.LEASE_TIMEOUT,
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Encode the stored frames of every video (and its augmented views) into OUT."""
     from tats.manifest import read_manifest
@@ -366,7 +310,7 @@ def verify(
         False, help="Accept pending units and failed videos (still listed): exit 0 if sound."
     ),
     workers: int = typer.Option(1, help="Processes that read and check the units."),
-    progress: bool = PROGRESS,
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Check every row the ledger calls done (sound data, as written), that no other row holds
     data, and that nothing is pending or failed. Exit 0 sound and complete, 1 incomplete
@@ -409,7 +353,7 @@ def diff(
     manifest: Path | None = typer.Option(
         None, "--manifest", "-m", help="The stores' manifest, to name the videos listed."
     ),
-    progress: bool = PROGRESS,
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Compare two stores of one manifest row by row, over the rows done in both. Tracks:
     the distance in px between the positions of the same point where both call it visible
@@ -502,13 +446,13 @@ def import_tracks(
         "original extraction's per-video pickles (<video name>.pkl, searched recursively).",
         show_default=False,
     ),
-    manifest: Path = MANIFEST,
+    manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="The tracks store to write."),
     trust_pickles: bool = typer.Option(
         False, "--trust-pickles", help="Read the pickles: unpickling runs whatever code a file "
         "names, so only for files you or a source you trust wrote."
     ),
-    video_root: Path | None = VIDEO_ROOT,
+    video_root: Path | None = opt.VIDEO_ROOT,
     grid: int = typer.Option(16, help="tats-pkl: the grid size G of the pickles."),
     queries: str = typer.Option("uniform:8", help="tats-pkl: the pickles' query frames."),
     points_per_cluster: int = typer.Option(
@@ -518,9 +462,9 @@ def import_tracks(
         32, help="trokens-pkl: clusters per video; the store has room for max-clusters x "
         "points-per-cluster points."
     ),
-    frames: int = FRAMES,
-    fps: float = FPS,
-    webm_native: bool = WEBM_NATIVE,
+    frames: int = opt.FRAMES,
+    fps: float = opt.FPS,
+    webm_native: bool = opt.WEBM_NATIVE,
     min_distance: float = typer.Option(
         16.0, help="tats-pkl: the redundancy filter, applied as extraction applies it (the "
         "pickles hold the points it kept)."
@@ -529,10 +473,10 @@ def import_tracks(
     max_points: int | None = typer.Option(
         None, help="tats-pkl: room for kept points [default: G^2 x query frames]."
     ),
-    shard_size: int = SHARD_SIZE,
+    shard_size: int = opt.SHARD_SIZE,
     workers: int = typer.Option(2, help="Processes reading pickles ahead (0: inline)."),
-    lease_timeout: float = LEASE_TIMEOUT,
-    progress: bool = PROGRESS,
+    lease_timeout: float = opt.LEASE_TIMEOUT,
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Import the point tracks of the original TATs or Trokens extraction scripts (one pickle
     per video) into a tracks store, with the same fields and checks as an extracted one: each
@@ -568,9 +512,9 @@ def import_tracks(
 def export(
     store: Path = typer.Argument(..., help="A tracks or features store."),
     out: Path = typer.Argument(..., help="The HDF5 file (h5), or the folder of .npz files."),
-    manifest: Path = MANIFEST,
+    manifest: Path = opt.MANIFEST,
     format: str = typer.Option("h5", "--format", help="h5 or npz."),
-    video_root: Path | None = VIDEO_ROOT,
+    video_root: Path | None = opt.VIDEO_ROOT,
 ) -> None:
     """Export a store for tools that read HDF5 or NumPy files. h5: one chunked, compressed
     dataset per array (first axis the manifest row), the store's attributes as HDF5

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
+from tats.cli import options as opt
 from tats.cli.common import OK, SOME_FAILED, graceful_termination, input_errors
-from tats.cli.extract import VIDEO_TIMEOUT
 
 HELP = (
     "Classify the videos of --query from the labelled videos of --support with a trained "
@@ -16,9 +16,9 @@ HELP = (
     "every support class. Writes predictions.csv (nearest class, distance and score per class), "
     "metrics.json, failed.csv, and accuracy with confusion.png where queries have labels. "
     "The checkpoint (whole), the lists and the options are checked before anything is "
-    "extracted. Exit 1: some videos could not be read (listed; the rest are predicted); 2: bad input; "
-    "3: the machine failed (rerun to resume); 4: an error in tats itself (its traceback is "
-    "printed)."
+    "extracted. Exit 1: some videos could not be read (listed; the rest are predicted); 2: bad "
+    "input; 3: the machine failed (rerun to resume); 4: an error in tats itself (its traceback "
+    "is printed)."
 )
 
 
@@ -31,35 +31,20 @@ def predict(
     ),
     query: Path = typer.Option(..., help="CSV video_id,path[,label]: the clips to classify."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (stores, predictions)."),
-    video_root: Path | None = typer.Option(
-        None, help="Folder that relative video paths start from [default: each list's folder]."
-    ),
-    tracker_checkpoint: Path | None = typer.Option(
-        None, help="Tracker weights, the training stores' file [default: the torch hub cache]."
-    ),
-    tracker_option: list[str] = typer.Option(
-        [], help="A tracker setting KEY=VALUE, repeatable, as for tats-extract tracks."
-    ),
-    weights: Path | None = typer.Option(
-        None, help="Backbone weights, the training stores' file [default: the caches]."
-    ),
-    cluster_weights: Path | None = typer.Option(
-        None, help="Semantic queries: the clustering backbone's weights, the training stores' "
-        "file [default: the caches]."
-    ),
-    device: str = typer.Option("cpu", help="Where the stages and the model run: cpu, cuda, ..."),
+    video_root: Path | None = opt.VIDEO_ROOT,
+    tracker_checkpoint: Path | None = opt.TRACKER_CHECKPOINT,
+    tracker_option: list[str] = opt.TRACKER_OPTION,
+    weights: Path | None = opt.BACKBONE_WEIGHTS,
+    cluster_weights: Path | None = opt.CLUSTER_WEIGHTS,
+    device: str = opt.DEVICE,
     workers: int = typer.Option(2, help="Decoding processes (and clip readers for the model)."),
     tracks_batch: int = typer.Option(1, help="Videos per tracker call."),
     features_batch: int = typer.Option(4, help="Videos per backbone forward."),
     batch_clips: int = typer.Option(32, help="Clips per model forward."),
-    video_timeout: float = VIDEO_TIMEOUT,
-    executor: str = typer.Option(
-        "local", help="local, or dask: the stages' units as tasks on --scheduler."
-    ),
-    scheduler: str | None = typer.Option(
-        None, help="Dask scheduler: tcp://host:8786, a scheduler file, or local:N."
-    ),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    video_timeout: float = opt.VIDEO_TIMEOUT,
+    executor: str = opt.EXECUTOR,
+    scheduler: str | None = opt.SCHEDULER,
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Classify query videos from a few labelled support videos of new classes."""
     from tats.cli.extract import parse_options

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import typer
 
+from tats.cli import options as opt
 from tats.cli.common import OK, SOME_FAILED, graceful_termination, input_errors
 from tats.cli.extract import parse_options, report
 
 
 def run(
-    manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest CSV."),
+    manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(
         ..., "--out", "-o", help="Run folder: tracks.zarr, features.zarr and train/ go here."
     ),
@@ -25,9 +26,7 @@ def run(
     print_config: bool = typer.Option(
         False, "--print-config", help="Print the resolved config (JSON) and exit; no work."
     ),
-    video_root: Path | None = typer.Option(
-        None, help="Folder that relative video paths start from [default: the manifest's folder]."
-    ),
+    video_root: Path | None = opt.VIDEO_ROOT,
     method: str | None = typer.Option(
         None,
         help="tats [default] or trokens: sets --queries and the training options that make the "
@@ -39,10 +38,8 @@ def run(
         help="Query points of the tracks: uniform:K (TATs: uniform:8, the default), semantic "
         "(Trokens: clusters of --backbone's features), beginning, middle, interval:k.",
     ),
-    checkpoint: Path | None = typer.Option(None, help="Tracker weights [default: hub cache]."),
-    tracker_option: list[str] = typer.Option(
-        [], help="A tracker setting KEY=VALUE, repeatable (as for tats-extract tracks)."
-    ),
+    checkpoint: Path | None = opt.TRACKER_CHECKPOINT,
+    tracker_option: list[str] = opt.TRACKER_OPTION,
     paper_tracker: bool = typer.Option(
         False,
         "--paper-tracker",
@@ -57,12 +54,12 @@ def run(
     backbone: str | None = typer.Option(
         None, help="Feature backbone: dinov2_vitb14 [default], dinov2_*, pixels."
     ),
-    weights: Path | None = typer.Option(None, help="Backbone weights [default: caches]."),
+    weights: Path | None = opt.BACKBONE_WEIGHTS,
     views: int | None = typer.Option(
         None, help="Feature views per video: 1 plain + augmented ones, drawn from in training [5]."
     ),
-    device: str = typer.Option("cpu", help="Device for extraction: cpu, cuda, ..."),
-    workers: int = typer.Option(2, help="Decoding processes per extraction stage."),
+    device: str = opt.DEVICE,
+    workers: int = opt.WORKERS,
     train_config: Path | None = typer.Option(
         None, help="Training options (JSON or TOML, as for tats-train --config)."
     ),
@@ -77,7 +74,7 @@ def run(
     train_out: str = typer.Option(
         "train", help="Folder in --out that training writes (e.g. baseline for a second model)."
     ),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Run the whole chain on a manifest; rerun the same command to resume it.
 

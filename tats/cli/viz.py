@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
+from tats.cli import options as opt
 from tats.cli.common import input_errors
-from tats.cli.extract import MANIFEST, VIDEO_ROOT
 
 app = typer.Typer(
     help="Pictures of a video's stored tracks (tracks), its patch features (features), a "
@@ -25,7 +25,7 @@ VIDEO_ID = typer.Option(..., "--video-id", help="The video to draw.", show_defau
 @app.command()
 def tracks(
     tracks: Path = typer.Option(..., "--tracks", help="The tracks store.", show_default=False),
-    manifest: Path = MANIFEST,
+    manifest: Path = opt.MANIFEST,
     video_id: str = VIDEO_ID,
     out: Path = typer.Option(
         ..., "--out", "-o", help="x.png (contact sheet), x.mp4 or x.gif.", show_default=False
@@ -39,7 +39,7 @@ def tracks(
     trail: int = typer.Option(3, help="Trail length in stored frames."),
     size: int = typer.Option(256, help="Longer side of each frame in px."),
     columns: int = typer.Option(4, help="Frames per row of the contact sheet."),
-    video_root: Path | None = VIDEO_ROOT,
+    video_root: Path | None = opt.VIDEO_ROOT,
 ) -> None:
     """Draw the stored points over the video's frames: colour = query frame (or cluster),
     filled = visible, hollow = not visible, with trails; points the filter dropped are left
@@ -58,11 +58,11 @@ def features(
     features: Path = typer.Option(
         ..., "--features", help="The features store.", show_default=False
     ),
-    manifest: Path = MANIFEST,
+    manifest: Path = opt.MANIFEST,
     video_id: str = VIDEO_ID,
     out: Path = typer.Option(..., "--out", "-o", help="x.png", show_default=False),
     size: int = typer.Option(192, help="Longer side of each frame in px."),
-    video_root: Path | None = VIDEO_ROOT,
+    video_root: Path | None = opt.VIDEO_ROOT,
 ) -> None:
     """Draw the video's stored frames and, under each, its patch features projected to RGB by
     PCA (the first three components over the clip's patches)."""
@@ -84,7 +84,7 @@ def episode(
     features: Path = typer.Option(
         ..., "--features", help="The features store.", show_default=False
     ),
-    manifest: Path = MANIFEST,
+    manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="x.png", show_default=False),
     episode: int = typer.Option(0, help="Which episode of the split, as evaluation draws it."),
     query: int = typer.Option(0, help="Which query of the episode."),

@@ -1,0 +1,81 @@
+"""The options that several commands share (`tats-extract`, `tats run`, `tats predict`,
+`tats viz`), each defined once: the same flag, default and help wherever it appears. A
+command's parameter name gives the flag where none is named (`checkpoint` -> `--checkpoint`,
+`tracker_checkpoint` -> `--tracker-checkpoint`)."""
+
+from __future__ import annotations
+
+import typer
+
+MANIFEST = typer.Option(..., "--manifest", "-m", help="Dataset manifest CSV.", show_default=False)
+VIDEO_ROOT = typer.Option(
+    None,
+    help="Folder that relative video paths start from [default: the folder of the manifest or "
+    "list that names the video].",
+)
+WORKERS = typer.Option(
+    2, help="Decoding processes running ahead of compute (0: decode inline, no time limit)."
+)
+DEVICE = typer.Option(
+    "cpu",
+    help="Where the tracker, the backbone and (tats predict) the few-shot model run: cpu, cuda, "
+    "cuda:1, ...",
+)
+VIDEO_TIMEOUT = typer.Option(
+    600.0, help="Seconds a video may take to decode before it is recorded as failed and its "
+    "decoding process replaced (0: no limit)."
+)
+EXECUTOR = typer.Option(
+    "local", help="local: this process and its decoders; dask: one task per unit on --scheduler."
+)
+SCHEDULER = typer.Option(
+    None,
+    help="Dask scheduler: tcp://host:8786, a scheduler file (.json), or local:N for a "
+    "LocalCluster of N workers [default: local:2].",
+)
+PROGRESS = typer.Option(True, help="Show progress bars.")
+
+# Stage one: shares, leases, the time base, the store's layout.
+SHARD_INDEX = typer.Option(
+    None,
+    help="Which share of the work this process starts with, 0-based (it then helps with units "
+    "nobody holds; leases keep every unit to one process at a time) [default: "
+    "$SLURM_ARRAY_TASK_ID, else $RANK, else 0].",
+)
+NUM_SHARDS = typer.Option(
+    None,
+    help="Into how many even, contiguous shares the work is split [default: "
+    "$SLURM_ARRAY_TASK_MAX + 1, else $WORLD_SIZE, else 1].",
+)
+LEASE_TIMEOUT = typer.Option(
+    180.0, help="Seconds without a heartbeat after which a unit's lease is taken over by another "
+    "worker (a holder's death on the same host is noticed at once)."
+)
+FRAMES = typer.Option(8, help="Frames stored per video (the frames training uses).")
+FPS = typer.Option(10.0, help="Track time base in frames per second; 0 keeps the native rate.")
+WEBM_NATIVE = typer.Option(
+    True, help="Keep .webm videos (Something-Something v2) at their native frame rate."
+)
+SHARD_SIZE = typer.Option(64, help="Videos per store shard (one file per array and shard).")
+
+# The stages' weights and tracker settings (a checkpoint's training stores name the files
+# `tats predict` must be given).
+TRACKER_CHECKPOINT = typer.Option(
+    None, help="Tracker weights (.pth) [default: the torch hub cache, where it has them]."
+)
+TRACKER_OPTION = typer.Option(
+    [],
+    help="A tracker setting KEY=VALUE, repeatable; cotracker3: from_query_frame=false "
+    "(track whole clips, as the official code), passes=per_query_frame, "
+    "max_offline_frames=N, online_checkpoint=PATH, precision=fp32; official: "
+    "model=cotracker2 (or cotracker2v1, cotracker3), passes=per_query_frame, "
+    "support_grid=false, online=true.",
+)
+BACKBONE_WEIGHTS = typer.Option(
+    None,
+    help="Backbone weights: an official dinov2_*_pretrain.pth or a timm / Hugging Face "
+    "checkpoint [default: the Hugging Face and torch hub caches].",
+)
+CLUSTER_WEIGHTS = typer.Option(
+    None, help="Semantic queries: the clustering backbone's weights [default: its caches]."
+)
