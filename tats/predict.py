@@ -13,9 +13,10 @@ preprocessing and stored frames. The tracker and backbone weights must be the sa
 
 The model then embeds every clip once (view 0, the stored point subset, as evaluation reads
 clips). A class's prototype is the mean of the tokens of all its support clips, as in training
-(any number of clips per class: kept as a running sum, a batch of clips at a time), and every query is matched against every class with the
-trained matching (tats/fewshot.py): predicted is the nearest class, and the softmax of minus
-the distances (the probabilities the training loss fits) is each class's score.
+(any number of clips per class: kept as a running sum, a batch of clips at a time), and every
+query is matched against every class with the trained matching (tats/fewshot.py): predicted
+is the nearest class, and the softmax of minus the distances (the probabilities the training
+loss fits) is each class's score.
 
 Files in out: videos.csv (both lists' clips: the stores' manifest), predictions.csv (a row per
 query), metrics.json, failed.csv (videos that could not be read, if any) and, where queries
