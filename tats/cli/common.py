@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -10,6 +9,8 @@ from contextlib import contextmanager
 
 import click
 import typer
+
+from tats.termination import Terminated, sigterm_raises
 
 # Commands print library warnings as one plain line, not as source locations.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
@@ -68,19 +69,10 @@ def graceful_termination() -> Iterator[None]:
     being written is finished, leases are released, decoders stopped; exit 143 (130 for
     Ctrl-C)."""
 
-    def stop(signum, frame):
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        yield
+        with sigterm_raises():
+            yield
     except KeyboardInterrupt as interrupt:
-        what = "terminated" if isinstance(interrupt, _Terminated) else "interrupted"
+        what = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
         typer.echo(f"error: {what}; finished units are kept, rerun to resume", err=True)
-        raise typer.Exit(143 if isinstance(interrupt, _Terminated) else 130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, like Ctrl-C's KeyboardInterrupt."""
+        raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None

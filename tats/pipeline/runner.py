@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from tats import termination
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline import sources
 from tats.pipeline.decoders import DecoderPool, Loaded
@@ -279,6 +280,7 @@ class _Claims:
 
     def _claim(self, unit: int) -> _Job | _Busy | bool:
         """The claimed unit's job; True if it is finished; _Busy if another worker holds it."""
+        termination.check()  # a SIGTERM whose exception Python dropped
         if self._finished(unit):
             return True
         lease = self.leases.live_lease(unit)
