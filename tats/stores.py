@@ -425,6 +425,12 @@ def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
         a, b = stored.get(key), wanted.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             problems += _differences(a, b, f"{prefix}{key}.")
+        elif key not in stored and b is not None:
+            # A setting added after the store was made; None reproduces the older behaviour.
+            problems.append(
+                f"{prefix}{key}: not recorded (the store was made by an older tats), this run "
+                f"has {b!r}; turned off (as --max-side 0) it resumes the store as it was made"
+            )
         elif a != b:
             problems.append(f"{prefix}{key}: store has {a!r}, this run has {b!r}")
     return problems

@@ -140,3 +140,19 @@ def test_corrupt_and_missing_videos_fail_alone(dataset, reference, tmp_path):
     assert verify_store(out, progress=False) == []
     good = [r for r in range(18) if r not in (2, 13)]
     assert_same(arrays(out), reference, rows=good)
+
+
+def test_a_store_made_before_max_side_existed_resumes_with_it_off(dataset, tmp_path):
+    import zarr
+
+    manifest, out = _two_videos(dataset, tmp_path), tmp_path / "features.zarr"
+    code, _, stderr = finish(start("features", manifest, out, *PIXELS, "--max-side", "0"))
+    assert code == 0, stderr
+    group = zarr.open_group(str(out), mode="r+")
+    provenance = group.attrs.asdict()["provenance"]
+    del provenance["config"]["max_side"]  # as a store made by tats before the setting
+    group.attrs["provenance"] = provenance
+    code, _, stderr = finish(start("features", manifest, out, *PIXELS))
+    assert code == 2 and "max_side: not recorded" in stderr and "--max-side 0" in stderr
+    code, _, stderr = finish(start("features", manifest, out, *PIXELS, "--max-side", "0"))
+    assert code == 0, stderr
