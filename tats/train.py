@@ -67,6 +67,8 @@ RESUME_MAY_CHANGE = (
     "tracks", "features", "manifest", "out", "resume", "device", "workers", "prefetch",
     "log_every", "test_episodes", "epochs",
 )  # fmt: skip
+# Options added after runs were first saved, with the value that reads as those runs read.
+ADDED_SINCE = {"fill": "pad"}
 TRAIN_STATS = ("loss", "episode_loss", "cls_loss", "train_accuracy")
 
 
@@ -126,7 +128,7 @@ def check_resumable(
 ) -> None:
     """Refuse, in one line, to resume a run into a different one: other options, stores,
     number of processes, precision, or videos (rows added to or failed in the stores)."""
-    saved, now = state["config"], config.to_dict()
+    saved, now = {**ADDED_SINCE, **state["config"]}, config.to_dict()
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
     if changed:
         k = changed[0]

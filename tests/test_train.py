@@ -257,6 +257,13 @@ def test_resume_after_kill_continues_to_the_same_weights(synth_stores, tmp_path)
     # Resuming with a setting that changes what is trained is refused.
     with pytest.raises(ValueError, match="cannot resume with lr=0.01"):
         train(config(synth_stores, killed, resume=True, **{**options, "lr": 1e-2}))
+    # A run saved before the `fill` option read as "pad" does, and resumes as such.
+    state = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    del state["config"]["fill"]
+    torch.save(state, killed / "checkpoints" / "last.pt")
+    with pytest.raises(ValueError, match="fill='repeat', the run was started with 'pad'"):
+        train(config(synth_stores, killed, resume=True, **options))
+    assert train(config(synth_stores, killed, resume=True, fill="pad", **options)).history
 
 
 def test_a_resumed_trokens_run_equals_an_uninterrupted_one(semantic_stores, tmp_path):
