@@ -167,8 +167,11 @@ def test_a_wrong_checkpoint_fails_naming_the_first_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match="not a state dict"):
         load_model(tmp_path / "list.pth")
     (tmp_path / "text.pth").write_text("not weights")
-    with pytest.raises(CheckpointError, match="text.pth: cannot be read as a CoTracker3"):
+    with pytest.raises(CheckpointError, match="text.pth: not a CoTracker3 checkpoint file: it h"):
         load_model(tmp_path / "text.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth: empty file"):
+        load_model(tmp_path / "empty.pth")
 
 
 def test_weights_come_from_the_checkpoint_else_the_hub_cache(weights, hub_checkpoints):

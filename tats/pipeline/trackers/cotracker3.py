@@ -46,7 +46,7 @@ from tats.pipeline.trackers.cotracker3_net import (
     CoTracker3,
     TokenLayout,
 )
-from tats.pipeline.weights import file_sha256
+from tats.pipeline.weights import file_sha256, read_tensor_file
 
 CHECKPOINT_FILES = {"offline": "scaled_offline.pth", "online": "scaled_online.pth"}
 CHECKPOINT_URL = "https://huggingface.co/facebook/cotracker3/resolve/main/{}"
@@ -141,9 +141,9 @@ def read_state_dict(path: str | Path) -> dict:
     """The state dict in an official-format checkpoint (optionally wrapped under "model"),
     read with `weights_only=True`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, or one that needs unsafe unpickling
-        raise CheckpointError(f"{path}: cannot be read as a CoTracker3 checkpoint: {err}") from err
+        state = read_tensor_file(path, "CoTracker3 checkpoint")
+    except (ValueError, FileNotFoundError) as err:  # one line naming the file and its problem
+        raise CheckpointError(str(err)) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
