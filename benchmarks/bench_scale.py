@@ -421,8 +421,37 @@ def case_files(ctx: Context) -> list[dict]:
     return results
 
 
+def case_verify(ctx: Context) -> list[dict]:
+    """`tats-extract verify --workers 1|2` on finished stores of up to 100k rows (this tree;
+    linked_stores.py builds them)."""
+    import linked_stores
+
+    command = str(Path(sys.executable).with_name("tats-extract"))
+    out = []
+    for rows in [r for r in ctx.rows if r <= 100_000]:
+        folder = ctx.work / f"verify-{rows}"
+        if not (folder / "features.zarr").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            linked_stores.build(folder, rows, 1.0)
+        for store in ("tracks", "features"):
+            for workers in (1, 2):
+                before, tic = os.times(), time.perf_counter()
+                run = subprocess.run([command, "verify", str(folder / f"{store}.zarr"),
+                                      "--workers", str(workers), "--no-progress"],
+                                     capture_output=True, text=True)  # fmt: skip
+                seconds, after = time.perf_counter() - tic, os.times()
+                cpu = after.children_user + after.children_system
+                cpu -= before.children_user + before.children_system
+                ctx.log(f"verify {store} {rows} rows, {workers} workers: {seconds:.1f} s")
+                out.append({"rows": rows, "store": store, "workers": workers, "code": "after",
+                            "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+                            "exit": run.returncode})  # fmt: skip
+    return out
+
+
 CASES: dict[str, Callable[[Context], list[dict]]] = {
     "resume": case_resume, "claims": case_claims, "dask": case_dask, "files": case_files,
+    "verify": case_verify,
 }  # fmt: skip
 # The readers' cases (trainer start-up, manifest memory, predict's prototypes).
 CASES.update(bench_scale_readers.CASES)
