@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 BACKENDS = ("auto", "av", "decord")
-# A seek (flush, demux from the keyframe, refill the decoder) costs about as much as decoding
-# 3-4 frames of a 480x360 H.264 clip, so it is used only when it skips more frames than this
-# (benchmarks/bench_video.py reports seek_cost_in_frames).
+# A seek (flush, demux from the keyframe, refill the decoder) is used only when it skips more
+# frames than this: over skips of 5 frames of a 480x360 H.264 clip, seeking still takes less
+# time than decoding through (benchmarks/bench_video.py, "short_seeks").
 SEEK_MIN_SKIP = 4
 _MATROSKA_SUFFIXES = (".webm", ".mkv", ".mka", ".mk3d")
 _DECORD_BATCH = 8  # frames decord decodes at full size at once, before they are scaled
