@@ -17,6 +17,7 @@ import io
 import operator
 import os
 from array import array
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -86,6 +87,21 @@ class PackedStrings(Sequence[str]):
             return self._pending[i - packed]
         return self._data[self._ends[i - 1] if i else 0 : self._ends[i]].decode()
 
+    def find(self, value: str) -> int:
+        """The position of the first string equal to `value`, or -1: a search of the packed
+        bytes, so that a million strings are never made to compare one."""
+        needle, start = value.encode(), 0
+        if not needle:
+            return next((i for i in range(len(self)) if not self[i]), -1)
+        while (at := self._data.find(needle, start)) != -1:
+            i = bisect_right(self._ends, at)  # the string that holds byte `at`
+            if (self._ends[i - 1] if i else 0) == at and self._ends[i] == at + len(needle):
+                return i
+            start = at + 1
+        if value in self._pending:
+            return len(self._ends) + self._pending.index(value)
+        return -1
+
     def __getstate__(self) -> dict:
         if self._pending:
             self.pack()
@@ -98,8 +114,8 @@ class _Columns:
     labels and splits. `root` is what relative paths resolve against (None: paths as given)."""
 
     root: str | None
-    video_ids: Sequence[str]
-    paths: Sequence[str]
+    video_ids: PackedStrings
+    paths: PackedStrings
     label_names: tuple[str, ...]  # sorted
     labels: np.ndarray  # [R] int32 index into label_names
     splits: np.ndarray  # [R] uint8 index into SPLITS
@@ -158,6 +174,21 @@ class ManifestRows(Sequence[VideoRow]):
         """[N] uint8: each row's split, an index into SPLITS."""
         splits = self._columns.splits
         return splits if self._index is None else splits[self._index]
+
+    @property
+    def video_ids(self) -> Sequence[str]:
+        """Each row's video id, without making the rows."""
+        ids = self._columns.video_ids
+        return ids if self._index is None else [ids[r] for r in self._index.tolist()]
+
+    def find(self, video_id: str) -> VideoRow | None:
+        """The row of `video_id`, or None where this sequence has none."""
+        r = self._columns.video_ids.find(video_id)
+        if r == -1:
+            return None
+        if self._index is not None and not np.any(self._index == r):
+            return None
+        return self._row(r)
 
     def select(self, index: np.ndarray) -> ManifestRows:
         """The rows at positions `index` of this sequence."""

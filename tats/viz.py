@@ -113,7 +113,7 @@ def open_stored_row(store_path: str | Path, schema: str, manifest, video_id: str
     store = RowStore.open(store_path, schema)
     if store.provenance.get("manifest_sha256") != manifest.sha256:
         raise StoreError(f"{store.path} was made for another manifest than {manifest.path}")
-    video = next((r for r in manifest.rows if r.video_id == video_id), None)
+    video = manifest.rows.find(video_id)
     if video is None:
         raise ValueError(f"{manifest.path}: no video {video_id!r}")
     if video.row not in set(done_rows(store).tolist()):

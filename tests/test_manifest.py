@@ -200,3 +200,21 @@ def test_rows_are_held_by_column_at_a_small_cost_per_row(tmp_path):
         f"{80 * 7919:012x}_000080",
         f"{81 * 7919:012x}_000081",
     ]
+
+
+def test_a_row_is_found_by_its_id_among_look_alike_ids(tmp_path):
+    # `tats viz` finds one video of a million-row manifest: by a search of the packed ids, which
+    # must not take a part of another id ("a1" in "xa1", "a10") for it.
+    ids = ["xa1", "a10", "a1", "é1", "b1a1", "1"]
+    text = "video_id,path,label,split\n" + "".join(
+        f"{vid},v/{i}.mp4,{'jump run swim'.split()[i % 3]},{'train val test'.split()[i % 3]}\n"
+        for i, vid in enumerate(ids)
+    )
+    rows = read_manifest(write(tmp_path, text)).rows
+    for i, vid in enumerate(ids):
+        assert rows.find(vid).row == i and rows.find(vid).video_id == vid
+    assert rows.find("a") is None and rows.find("a1a") is None and rows.find("") is None
+    assert list(rows.video_ids) == ids
+    tests = rows.select([2, 5])  # a selection finds only its own rows
+    assert tests.find("1").row == 5 and tests.find("a10") is None
+    assert tests.video_ids == ["a1", "1"]

@@ -196,7 +196,7 @@ def diff_stores(
     if manifest is not None:
         if manifest.sha256 != store_a.provenance.get("manifest_sha256"):
             raise StoreMismatch(f"{manifest.path}: not the manifest the stores were made for")
-        video_ids = [r.video_id for r in manifest.rows]
+        video_ids = manifest.rows.video_ids
     done_a, done_b = set(done_rows(store_a).tolist()), set(done_rows(store_b).tolist())
     both = sorted(done_a & done_b)
     result = StoreDiff(
