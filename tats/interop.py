@@ -54,7 +54,16 @@ from tats.pipeline.runner import RunSummary
 from tats.pipeline.status import done_rows
 from tats.pipeline.trackers import TrackerIdentity
 from tats.pipeline.tracks import TracksConfig, open_tracks_store, tracks_row
-from tats.stores import FEATURES, SCHEMA_VERSION, TRACKS, Field, RowStore, StoreError, row_digest
+from tats.stores import (
+    FEATURES,
+    READABLE_VERSIONS,
+    TRACKS,
+    Field,
+    RowStore,
+    StoreError,
+    current_layout,
+    row_digest,
+)
 from tats.video import probe, timeline
 
 LAYOUTS = ("tats-pkl", "trokens-pkl")
@@ -433,9 +442,14 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
         done = {row for r in records for row in r.done}
         tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:12]}"
         try:
+            # An export of an earlier version makes a store of this one: the same values.
+            fields = current_layout(attrs["schema"], fields)
             store = RowStore.create_or_open(tmp, attrs["schema"], fields, attrs["num_rows"],
                                             attrs["shard_size"], attrs["provenance"])  # fmt: skip
-            store.group.attrs.update(attrs)  # created_by and whatever else the export held
+            # created_by and whatever else the export held
+            store.group.attrs.update(
+                {k: v for k, v in attrs.items() if k not in ("schema_version", "fields")}
+            )
             by_unit = {r.unit: r for r in records}
             for unit, shard in enumerate(store.shards()):
                 data = {name: h5[name][shard.start : shard.stop] for name in fields}
@@ -478,10 +492,10 @@ def _h5_attributes(h5, path: Path) -> tuple[dict, dict[str, Field]]:
     }
     if attrs.get("schema") not in (TRACKS, FEATURES):
         raise StoreError(f"{path}: holds no tats store (schema {attrs.get('schema')!r})")
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_VERSIONS:
         raise StoreError(
-            f"{path}: schema version {attrs.get('schema_version')}, this tats reads "
-            f"version {SCHEMA_VERSION}"
+            f"{path}: schema version {attrs.get('schema_version')}, this tats reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     for key, least in (("num_rows", 0), ("shard_size", 1)):
         value = attrs.get(key)

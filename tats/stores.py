@@ -29,7 +29,7 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,16 @@ def features_fields(views: int, frames: int, grid: int, dim: int) -> dict[str, F
         "frames": Field((frames,), "int32", -1, per_shard=True),
         "num_frames": Field((), "int32", 0, per_shard=True),
         "view_seed": Field((views,), "int64", -1, per_shard=True),
+    }
+
+
+def current_layout(schema: str, fields: dict[str, Field]) -> dict[str, Field]:
+    """`fields` of a `schema` store of an earlier version (2: every chunk one row), laid out as
+    this version lays them out: the same shapes, types and values."""
+    current = tracks_fields(1, 1, 1) if schema == TRACKS else features_fields(1, 1, 1, 1)
+    return {
+        name: replace(f, per_shard=current[name].per_shard) if name in current else f
+        for name, f in fields.items()
     }
 
 

@@ -269,6 +269,28 @@ def test_hdf5_export_imports_back_to_the_same_store(synth_stores, which, tmp_pat
     assert code == 2 and "exists" in output
 
 
+V2_EXPORT = Path(__file__).parent / "data" / "v2_tracks.h5"  # tests/data/make_v2_export.sh
+
+
+def test_an_export_of_a_version_2_store_imports_as_this_version(tmp_path):
+    # Exports made before schema version 3 hold the same values; importing one makes a store
+    # of this version (small arrays one chunk per shard), its rows and ledger checked.
+    code, output = invoke("import-h5", V2_EXPORT, "--out", tmp_path / "back.zarr",
+                          "--manifest-out", tmp_path / "manifest.csv")  # fmt: skip
+    assert code == 0, output
+    back = RowStore.open(tmp_path / "back.zarr")
+    assert back.version == 3 and back.attrs["created_by"].startswith("tats ")
+    assert back.fields["subset"].per_shard and not back.fields["positions"].per_shard
+    assert back.group["subset"].chunks == (back.shard_size, *back.fields["subset"].shape)
+    with h5py.File(V2_EXPORT, "r") as h5:
+        assert h5.attrs["schema_version"] == 2
+        assert json.loads(h5.attrs["provenance"]) == back.provenance
+        assert_same(arrays(back.path), {name: h5[name][...] for name in back.fields})
+        assert len(records(back.path)) == len(h5["ledger"]) == 2
+    assert verify_store(back.path, progress=False) == []
+    assert store_status(back.path).videos_done == len(read_manifest(tmp_path / "manifest.csv"))
+
+
 def test_hdf5_with_changed_data_is_refused(synth_stores, tmp_path):
     manifest = read_manifest(synth_stores.manifest)
     h5_path = export_h5(synth_stores.tracks, manifest, tmp_path / "tracks.h5")
