@@ -25,12 +25,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import timm
 import torch
+from bench_features import random_weights as backbone_weights
 
 from tats.chain import extract_stages, resolve_run, stage_recipes
 from tats.manifest import read_manifest
-from tats.pipeline.backbones import DINOV2_MODELS
 from tats.pipeline.ledger import Ledger
 from tats.pipeline.trackers.cotracker3 import build_model
 from tats.recipes import recipe_names
@@ -44,10 +43,7 @@ def random_weights(folder: Path, backbone: str) -> tuple[Path, Path]:
     torch.manual_seed(0)
     tracker = folder / "cotracker3.pth"
     torch.save(build_model("offline").state_dict(), tracker)
-    model = timm.create_model(DINOV2_MODELS[backbone][0], pretrained=False, img_size=224)
-    weights = folder / f"{backbone}.pth"
-    torch.save(model.state_dict(), weights)
-    return tracker, weights
+    return tracker, backbone_weights(backbone, folder)
 
 
 def clips(folder: Path, seconds: float, width: int, height: int, videos: int) -> Path:
