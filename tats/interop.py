@@ -75,10 +75,10 @@ UNTRUSTED = (
     "unpickling runs whatever code a pickle names, so pickles are read only when you trust "
     "them: pass --trust-pickles for files you or a source you trust wrote"
 )
-H5_EXTRAS = ("manifest", "done", "ledger")
+H5_EXTRAS = ("manifest", "done", "ledger")  # names beside the store's arrays in an HDF5 export
 INT32_MAX = np.iinfo(np.int32).max
 # Positions farther than this many frame sides outside the frame are no tracker's output.
-MAX_OFFSET_SIDES = 10  # names beside the store's arrays in an HDF5 export
+MAX_OFFSET_SIDES = 10
 # What each layout must hold; the third key is each point's query frame.
 ORIGINAL_KEYS = {
     "tats-pkl": ("pred_tracks", "pred_visibility", "per_point_queries"),
@@ -438,8 +438,7 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
         raise StoreError(f"{path}: not an HDF5 file ({error})") from None
     with h5:
         attrs, fields = _h5_attributes(h5, path)
-        records = _h5_ledger(h5, path, attrs)
-        done = {row for r in records for row in r.done}
+        records, done = _h5_ledger(h5, path, attrs)
         tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:12]}"
         try:
             # An export of an earlier version makes a store of this one: the same values.
@@ -529,9 +528,9 @@ def _json_attribute(text, key: str, path: Path):
         raise StoreError(f"{path}: attribute {key} is not valid JSON ({problem})") from None
 
 
-def _h5_ledger(h5, path: Path, attrs: dict) -> list[UnitRecord]:
-    """The export's ledger records, checked: each for a unit of the store and rows of that
-    unit, and /done marking exactly the rows they record."""
+def _h5_ledger(h5, path: Path, attrs: dict) -> tuple[list[UnitRecord], set[int]]:
+    """The export's ledger records and the rows they record done, checked: each record for a
+    unit of the store and rows of that unit, and /done marking exactly those rows."""
     num_rows, shard_size = attrs["num_rows"], attrs["shard_size"]
     records = []
     for i, text in enumerate(h5["ledger"].asstr()[...]):
@@ -563,7 +562,7 @@ def _h5_ledger(h5, path: Path, attrs: dict) -> list[UnitRecord]:
             f"{path}: /done marks {len(marked)} rows done, the ledger records {len(recorded)} "
             f"({what}): the export is damaged"
         )
-    return records
+    return records, recorded
 
 
 def check_new_path(out: Path) -> None:

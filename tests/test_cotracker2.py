@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 from stage_helpers import EXTRACT
-from test_cotracker3 import official_shapes
+from test_cotracker3 import block_shapes, official_shapes
 
 from tats.pipeline.trackers import create_tracker
 from tats.pipeline.trackers.cotracker3 import (
@@ -36,23 +36,7 @@ def cotracker2_shapes(window: int = 8, model_resolution=(384, 512)) -> dict[str,
     shapes["updateformer.virual_tracks"] = (1, 64, 1, 384)
     linear("updateformer.input_transform", 384, 456)
     linear("updateformer.flow_head", 130, 384)
-    for group in (
-        "time_blocks",
-        "space_virtual_blocks",
-        "space_point2virtual_blocks",
-        "space_virtual2point_blocks",
-    ):
-        for i in range(6):
-            name = f"updateformer.{group}.{i}"
-            attn = f"{name}.attn"
-            if "2" in group:
-                attn = f"{name}.cross_attn"
-                shapes[f"{name}.norm_context.weight"] = shapes[f"{name}.norm_context.bias"] = (384,)
-            linear(f"{attn}.to_q", 384, 384)
-            linear(f"{attn}.to_kv", 768, 384)
-            linear(f"{attn}.to_out", 384, 384)
-            linear(f"{name}.mlp.fc1", 1536, 384)
-            linear(f"{name}.mlp.fc2", 384, 1536)
+    shapes |= block_shapes(depth=6)
     shapes["norm.weight"] = shapes["norm.bias"] = (128,)
     linear("track_feat_updater.0", 128, 128)
     linear("vis_predictor.0", 1, 128)

@@ -54,28 +54,33 @@ def official_shapes(window: int = 60) -> dict[str, tuple[int, ...]]:
     linear("updateformer.input_transform", 384, 1110)
     linear("updateformer.flow_head", 2, 384)
     linear("updateformer.vis_conf_head", 2, 384)
-    for group in (
-        "time_blocks",
-        "space_virtual_blocks",
-        "space_point2virtual_blocks",
-        "space_virtual2point_blocks",
-    ):
-        for i in range(3):
-            name = f"updateformer.{group}.{i}"
-            attn = (
-                f"{name}.attn"
-                if group in ("time_blocks", "space_virtual_blocks")
-                else (f"{name}.cross_attn")
-            )
-            if attn.endswith("cross_attn"):
+    shapes |= block_shapes(depth=3)
+    linear("corr_mlp.fc1", 384, 2401)
+    linear("corr_mlp.fc2", 256, 384)
+    return shapes
+
+
+def block_shapes(depth: int) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the update transformer's blocks, `depth` of each of its four kinds (the
+    same 384-wide blocks in CoTracker2 and CoTracker3; the two space2 kinds cross-attend)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name, out, inp):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
+
+    kinds = ("time_blocks", "space_virtual_blocks", "space_point2virtual_blocks",
+             "space_virtual2point_blocks")  # fmt: skip
+    for kind in kinds:
+        for i in range(depth):
+            name = f"updateformer.{kind}.{i}"
+            attn = f"{name}.cross_attn" if "2" in kind else f"{name}.attn"
+            if "2" in kind:
                 shapes[f"{name}.norm_context.weight"] = shapes[f"{name}.norm_context.bias"] = (384,)
             linear(f"{attn}.to_q", 384, 384)
             linear(f"{attn}.to_kv", 768, 384)
             linear(f"{attn}.to_out", 384, 384)
             linear(f"{name}.mlp.fc1", 1536, 384)
             linear(f"{name}.mlp.fc2", 384, 1536)
-    linear("corr_mlp.fc1", 384, 2401)
-    linear("corr_mlp.fc2", 256, 384)
     return shapes
 
 
