@@ -542,7 +542,8 @@ def import_h5(
     ),
 ) -> None:
     """Make the store of an HDF5 export again: the same arrays, attributes and ledger, each
-    done row checked against its digest."""
+    done row checked against its digest (an export of a schema version 2 store makes a store
+    of the current version)."""
     from tats.interop import import_h5 as read_h5
 
     with input_errors():
