@@ -306,6 +306,33 @@ def to_display(xy: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (xy + 0.5) * scale - 0.5
 
 
+POINT_CHOICES = ("subset", "all")
+
+
+def check_point_choice(points: str, max_points: int | None) -> None:
+    """Raise ValueError, naming the option, for a `--points` or `--max-points` out of range."""
+    if points not in POINT_CHOICES:
+        raise ValueError(f"--points is subset or all, not {points!r}")
+    if max_points is not None and max_points < 1:
+        raise ValueError(f"--max-points must be at least 1, not {max_points}")
+
+
+def drawn_points(data: dict[str, np.ndarray], points: str = "subset",
+                 max_points: int | None = None) -> np.ndarray:  # fmt: skip
+    """The indices (ascending) of a tracks row's points to draw: "subset", the stored subset
+    that training reads (each point once; padding left out), or "all", every point the
+    redundancy filter kept; then at most `max_points` of them, evenly spread by index (so
+    every query frame or cluster keeps its share)."""
+    check_point_choice(points, max_points)
+    keep = np.flatnonzero(data["valid"])
+    if points == "subset":
+        subset = data["subset"]
+        keep = np.intersect1d(keep, subset[subset >= 0])
+    if max_points is not None and len(keep) > max_points:
+        keep = keep[np.arange(max_points) * len(keep) // max_points]
+    return keep
+
+
 def render_tracks(
     tracks: str | Path,
     manifest,
@@ -315,28 +342,31 @@ def render_tracks(
     trail: int = 3,
     side: int = 256,
     columns: int = 4,
+    points: str = "subset",
+    max_points: int | None = None,
 ) -> Path:
     """Draw a tracks store's points over the video's frames into `out` (.png: a contact sheet;
     .mp4 / .gif: a video).
 
-    Each stored frame shows the store's points that exist there (grid queries: from their
-    query frame on, the points the redundancy filter kept; semantic queries, tracked both
-    ways: at every frame), filled where visible and hollow where not, with their trail over
-    the last `trail` stored frames; points the filter dropped are not drawn. Colour = cluster
-    where the store holds clusters, else query frame. `all_frames` shows every frame of the
-    time base instead of the stored ones, each with the points of the latest stored frame at
-    or before it: it draws what the store holds and tracks nothing. Frames are decoded with
-    their longer side `side` px.
+    Each stored frame shows the drawn points (`drawn_points`: the stored subset or every kept
+    point, at most `max_points`) that exist there (grid queries: from their query frame on;
+    semantic queries, tracked both ways: at every frame), filled where visible and hollow
+    where not, with their trail over the last `trail` stored frames; points the filter
+    dropped are never drawn. Colour = cluster where the store holds clusters, else query
+    frame. `all_frames` shows every frame of the time base instead of the stored ones, each
+    with the points of the latest stored frame at or before it: it draws what the store holds
+    and tracks nothing. Frames are decoded with their longer side `side` px.
     """
     from tats.stores import TRACKS
 
     out = check_picture_path(out)
+    check_point_choice(points, max_points)
     stored = open_stored_row(tracks, TRACKS, manifest, video_id)
     data = stored.data
     time_base = data["frames"].astype(np.int64)
     shown = np.arange(int(data["num_frames"])) if all_frames else time_base
     images, scale = decode_time_base(stored, shown, side)
-    keep = np.flatnonzero(data["valid"])
+    keep = drawn_points(data, points, max_points)
     positions = to_display(data["positions"][:, keep], scale)  # [S, n, 2]
     query, visible = data["query_frame"][keep], data["visible"][:, keep]
     if stored.store.provenance["config"].get("queries") == "semantic":
@@ -361,8 +391,12 @@ def render_tracks(
         )  # fmt: skip
         _text(tile, [f"t={t}{held}"], size=max(10, side // 22))
         tiles.append(tile)
+    kept = int(data["valid"].sum())
+    which = "the stored subset" if points == "subset" else "all"
+    which += f", at most {max_points}" if max_points is not None else ""
     header = [
-        f"{video_id} ({stored.video.label}): {len(keep)} points kept, {meaning}",
+        f"{video_id} ({stored.video.label}): {len(keep)} of {kept} kept points ({which}), "
+        f"{meaning}",
         f"filled = visible, hollow = not visible; trails over {trail} stored frames; "
         f"t = frame of the {int(data['num_frames'])}-frame time base",
     ]

@@ -120,7 +120,8 @@ def test_tracks_are_drawn_where_the_store_says(synth_stores, tmp_path):
     stored = open_stored_row(synth_stores.tracks, TRACKS, synth_stores.manifest, row.video_id)
     frames, scale = decode_time_base(stored, stored.data["frames"], SIDE)
     path = render_tracks(synth_stores.tracks, synth_stores.manifest, row.video_id,
-                         tmp_path / "t.png", trail=0, side=SIDE, columns=8)  # fmt: skip
+                         tmp_path / "t.png", trail=0, side=SIDE, columns=8,
+                         points="all")  # fmt: skip
     drawn = picture(path)[HEADER:, :SIDE]  # the first stored frame
     changed = np.abs(drawn.astype(int) - frames[0].astype(int)).sum(axis=-1) > 60
     changed[:16] = False  # the caption
@@ -131,6 +132,49 @@ def test_tracks_are_drawn_where_the_store_says(synth_stores, tmp_path):
     ys, xs = np.nonzero(changed)
     nearest = np.abs(ys[:, None] - xy[None, :, 1]) + np.abs(xs[:, None] - xy[None, :, 0])
     assert nearest.min(axis=1).max() <= 6  # nothing drawn away from the points
+
+
+def test_tracks_draw_the_stored_subset_or_every_point(synth_stores, tmp_path):
+    """By default the stored subset that training reads is drawn (each point once), with
+    --points all every kept point; --max-points keeps that many, spread over the points."""
+    from tats.stores import TRACKS
+    from tats.viz import decode_time_base, drawn_points, open_stored_row, render_tracks
+
+    manifest = read_manifest(synth_stores.manifest)
+    rows = (open_stored_row(synth_stores.tracks, TRACKS, manifest, r.video_id) for r in
+            manifest.rows)  # fmt: skip
+    stored = next(s for s in rows if s.data["valid"].sum() >= 60)  # more than its 48-subset
+    data = stored.data
+    kept = np.flatnonzero(data["valid"])
+    subset = drawn_points(data)
+    assert len(subset) == 48 and np.array_equal(subset, np.unique(data["subset"]))
+    assert np.array_equal(drawn_points(data, "all"), kept)
+    capped = drawn_points(data, "all", max_points=10)
+    assert len(capped) == 10 and np.isin(capped, kept).all() and (np.diff(capped) > 0).all()
+    steps = np.diff(np.searchsorted(kept, capped))  # evenly spread over the kept points
+    assert capped[0] == kept[0] and steps.max() - steps.min() <= 1
+    assert np.array_equal(drawn_points(data, "subset", max_points=100), subset)
+
+    frames, scale = decode_time_base(stored, data["frames"], SIDE)
+    video = stored.video.video_id
+
+    def changed(points: str) -> np.ndarray:
+        path = render_tracks(synth_stores.tracks, manifest, video, tmp_path / f"{points}.png",
+                             trail=0, side=SIDE, columns=8, points=points)  # fmt: skip
+        first = picture(path)[HEADER:, :SIDE].astype(int)
+        return np.abs(first - frames[0].astype(int)).sum(axis=-1) > 60
+
+    def pixels(points: np.ndarray) -> np.ndarray:
+        return np.rint((data["positions"][0, points] + 0.5) * scale - 0.5).astype(int)
+
+    there = data["query_frame"] <= data["frames"][0]  # the points that exist at frame 0
+    drawn, left_out = pixels(subset[there[subset]]), pixels(np.setdiff1d(kept[there[kept]], subset))
+    apart = np.abs(left_out[:, None] - drawn[None]).sum(axis=-1).min(axis=1) > 10
+    inside = (left_out[:, 1] >= 16) & (left_out < SIDE).all(axis=1) & (left_out >= 0).all(axis=1)
+    alone = left_out[apart & inside]  # points outside the subset, away from its points
+    assert len(alone) >= 3
+    assert not changed("subset")[alone[:, 1], alone[:, 0]].any()
+    assert changed("all")[alone[:, 1], alone[:, 0]].all()
 
 
 def test_features_of_a_synthetic_clip(synth_stores, tmp_path):
@@ -209,6 +253,12 @@ def test_bad_input_is_one_line(synth_stores, tmp_path):
     wrong = ["--tracks", synth_stores.features, "--manifest", synth_stores.manifest]
     code, output = invoke("viz", "tracks", *wrong, "--video-id", video, "--out", tmp_path / "t.png")
     assert code == 2 and "holds tats.features, not tats.tracks" in output
+    for option, message in (
+        (["--points", "some"], "--points is subset or all, not 'some'"),
+        (["--max-points", "0"], "--max-points must be at least 1, not 0"),
+    ):
+        code, output = invoke(*base, "--video-id", video, "--out", tmp_path / "t.png", *option)
+        assert code == 2 and message in output, output
     assert not list(tmp_path.iterdir())
 
 

@@ -36,6 +36,17 @@ def tracks(
         help="Every frame of the time base, each with the points of the "
         "latest stored frame (nothing is tracked again) [default: the stored frames].",
     ),
+    points: str = typer.Option(
+        "subset",
+        help="Which points: subset (the stored subset that training reads) or all (every "
+        "point the redundancy filter kept).",
+    ),
+    max_points: int | None = typer.Option(
+        None,
+        help="Draw at most this many of them, evenly spread over the query frames (or "
+        "clusters) [default: no limit].",
+        show_default=False,
+    ),
     trail: int = typer.Option(3, help="Trail length in stored frames."),
     size: int = typer.Option(256, help="Longer side of each frame in px."),
     columns: int = typer.Option(4, help="Frames per row of the contact sheet."),
@@ -45,11 +56,13 @@ def tracks(
     filled = visible, hollow = not visible, with trails; points the filter dropped are left
     out."""
     from tats.manifest import read_manifest
-    from tats.viz import render_tracks
+    from tats.viz import check_point_choice, render_tracks
 
     with input_errors():
+        check_point_choice(points, max_points)
         rows = read_manifest(manifest, video_root)
-        path = render_tracks(tracks, rows, video_id, out, all_frames, trail, size, columns)
+        path = render_tracks(tracks, rows, video_id, out, all_frames, trail, size, columns,
+                             points, max_points)  # fmt: skip
     typer.echo(f"wrote {path}")
 
 
