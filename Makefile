@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: demo test lint clean gpu-check wheels
+.PHONY: demo test lint clean gpu-check wheels screenshots status-box
 
 $(BIN)/tats: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,22 @@ test: $(BIN)/tats
 	$(BIN)/python -m pytest -ra
 
 lint: $(BIN)/tats
-	$(BIN)/ruff check tats tests benchmarks
+	$(BIN)/ruff check tats tests benchmarks tools
+
+# The site's screenshots (docs/screenshots/, with the SHA-256 of the pages they show, which
+# tests/test_site.py compares): builds the site and opens its pages in headless Chromium
+# (Debian: apt-get install chromium).
+screenshots: $(BIN)/tats
+	$(BIN)/python tools/screenshots.py
+
+# The status box of README.md and docs/index.md, from benchmarks/results/ (tests/test_site.py
+# checks it is current).
+status-box:
+	$(PYTHON) tools/status.py --write
 
 # The GPU check (docs/gpu-check.md): the CUDA tests and the GPU benchmarks in at most 8
 # minutes, into $(GPU_CHECK_OUT). It needs no .venv: on a GPU machine it runs with that
-# machine's python3 and the wheels `make wheels` fetched (benchmarks/wheels, carried along).
+# machine's python3 and the wheels `make wheels` fetched into benchmarks/wheels.
 GPU_CHECK_OUT ?= benchmarks/results/gpu-check
 gpu-check:
 	benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
