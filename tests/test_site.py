@@ -152,6 +152,13 @@ def test_no_page_speaks_of_the_machine_it_was_written_on(site):
     assert not found, "words bound to the machine the docs were written on:\n" + "\n".join(found)
 
 
+def test_the_demo_has_one_time():
+    """README, front page and demo page give the demo's time from one measurement."""
+    texts = [(ROOT / name).read_text() for name in ("README.md", "docs/index.md", "docs/demo.md")]
+    times = [re.findall(r"(?:in|took) (\d+ min \d+ s) on", t) for t in texts]
+    assert all(times) and len({m for found in times for m in found}) == 1, times
+
+
 def test_the_manifests_page_is_the_manifest_readme(site):
     """docs/manifests.md includes data_manifests/README.md, and its commands exist."""
     text = " ".join(" ".join(read_article(site / "manifests" / "index.html").text).split())
