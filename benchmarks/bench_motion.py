@@ -15,7 +15,10 @@ method differ (tats/methods.py):
                           directions), cluster sampling, the visible mask, motion tokens
 
 Trokens' clips with fewer points than the subset are filled with repeated points as the release
-does; the row "Trokens, padded" reads them with masked padding instead (`fill: pad`). An
+does; the row "Trokens, padded" reads them with masked padding instead (`fill: pad`). The rows
+"TATs, fixes off" and "Trokens, fixes off" turn every fix of the releases off (tats/fixes.py,
+`--fixes none`: stores, model, training and evaluation as the releases compute them); every row
+runs the clean protocol, so that only the fixes differ. An
 ablation row, `--rows "Trokens without motion tokens"`, is Trokens with `--motion none`.
 `--keep-other-rows` keeps, in an existing --out of the same preset, the rows not run now.
 
@@ -59,6 +62,9 @@ ROWS = {
     "TATs + motion tokens": ("uniform", {"method": "tats", "motion": "both"}),
     "Trokens": ("semantic", {"method": "trokens"}),
     "Trokens, padded": ("semantic", {"method": "trokens", "fill": "pad"}),
+    # Every fix of the releases off (tats/fixes.py), stores included: what the releases compute.
+    "TATs, fixes off": ("uniform-release", {"method": "tats", "fixes": "none"}),
+    "Trokens, fixes off": ("semantic-release", {"method": "trokens", "fixes": "none"}),
     # Ablation, not run by default: which part of Trokens makes its lead.
     "Trokens without motion tokens": ("semantic", {"method": "trokens", "motion": "none"}),
 }
@@ -107,8 +113,11 @@ FEATURES = FeaturesConfig(backbone="pixels", views=2, preprocess=Preprocess(size
 
 
 def tracks_config(preset: dict, store: str) -> TracksConfig:
-    """The tracks stores: TATs' grids ("uniform"), Trokens' semantic points ("semantic")."""
+    """The tracks stores: TATs' grids ("uniform"), Trokens' semantic points ("semantic"); with
+    "-release", the same without the tracks stage's fixes (as the releases extract them)."""
     uniform = preset["tracks"]
+    if store.endswith("-release"):
+        return replace(tracks_config(preset, store.removesuffix("-release")), fixes=())
     if store == "uniform":
         return uniform
     semantic = preset.get("semantic", SemanticConfig(backbone="pixels"))

@@ -6,6 +6,8 @@
 
 Settings come from the stages' and trainer's defaults, then the recipe (tats/recipes.py), then
 a file of training options, then the options given (the command line's): each later one wins.
+A recipe runs the releases' protocol with every fix off (tats/fixes.py) unless `fixes` and
+`protocol` say otherwise; without one, tats runs every fix and the clean protocol.
 The method preset (tats/methods.py) fills the options that make a method wherever none of
 those set them. The run folder's `run.json` records the resolved config with every path
 relative to the run folder (and, for what lies outside it, also absolute), so that `tats
@@ -22,6 +24,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tats.fixes import FIX_NAMES, parse_fixes
 from tats.manifest import Manifest, read_manifest
 from tats.pipeline.features import FeaturesConfig, FeaturesRecipe
 from tats.pipeline.runner import RunSummary
@@ -53,6 +56,8 @@ class RunConfig:
     progress: bool = True
     train_out: str = "train"
     unhonoured: tuple[str, ...] = ()  # the recipe's values that tats cannot follow
+    deviations: tuple[str, ...] = ()  # where the recipe differs from its release, and why
+    command_line: tuple[tuple[str, object], ...] = ()  # the options given on the command line
 
     def to_dict(self) -> dict:
         """The resolved config as run.json records it: paths relative to the run folder."""
@@ -73,8 +78,13 @@ class RunConfig:
                 "workers": self.workers,
             },
             "trainings": {self.train_out: train},
+            "protocol": self.train.protocol,
+            "fixes": {"on": list(self.train.fixes),
+                      "off": [f for f in FIX_NAMES if f not in self.train.fixes]},
+            "command_line": {k: _plain(v) for k, v in self.command_line},
             "unhonoured": list(self.unhonoured),
-        }
+            "deviations": list(self.deviations),
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -109,11 +119,17 @@ def resolve_run(
     workers: int = 2,
     progress: bool = True,
     train_out: str = "train",
+    fixes: str | None = None,
+    protocol: str | None = None,
+    command_line: dict | None = None,
 ) -> RunConfig:
     """The run's config from the defaults, `recipe`, `train_file` and the options given
     (`tracks`, `features`: stage options; `train`: tats-train's; `frames`: stored frames of
     both stages; `paper_tracker`: the recipe's [paper_tracker] instead of its tracker, under
-    `tracker_options`). Reads no manifest and no video: bad values raise ValueError, one line."""
+    `tracker_options`; `fixes` "all", "none" or names, and `protocol` "release" or "clean":
+    with a recipe "none" and "release" unless given, without one "all" and "clean";
+    `command_line`: the options given there, recorded in run.json). Reads no manifest and no
+    video: bad values raise ValueError, one line."""
     from tats.methods import TRACKS_KEYS, with_method
     from tats.pipeline.semantic import SemanticConfig
     from tats.recipes import load_recipe
@@ -125,7 +141,19 @@ def resolve_run(
         given_tracks["frames"] = given_features["frames"] = frames
     file_options = read_config_file(train_file) if train_file else {}
     file_options = {k.replace("-", "_"): v for k, v in file_options.items()}
-    train_options = {**(chosen.train_options() if chosen else {}), **file_options, **(train or {})}
+    defaults = {"fixes": "none" if chosen else "all", "protocol": "release" if chosen else "clean"}
+    train_options = {**defaults, **(chosen.train_options() if chosen else {}), **file_options,
+                     **(train or {})}  # fmt: skip
+    if fixes is not None:
+        train_options["fixes"] = fixes
+    if protocol is not None:
+        train_options["protocol"] = protocol
+    if chosen is not None and train_options["protocol"] == "release":
+        train_options = {**chosen.release, **train_options}
+    try:
+        train_options["fixes"] = parse_fixes(train_options["fixes"])
+    except ValueError as error:
+        raise ValueError(f"--fixes: {error}") from None
     if method is not None:
         train_options["method"] = method
     method = train_options.get("method")
@@ -143,7 +171,7 @@ def resolve_run(
             tracker_options = {**chosen.paper_tracker.get("options", {}), **tracker_options}
     if chosen is not None and method != chosen.method:  # the other method's queries, then
         recipe_tracks = {k: v for k, v in recipe_tracks.items() if k not in TRACKS_KEYS}
-    tracks_options = {**recipe_tracks, **given_tracks}
+    tracks_options = {**recipe_tracks, **given_tracks, "fixes": train_options["fixes"]}
     try:
         tracks_options = with_method({"method": method, **tracks_options}, TRACKS_KEYS)
     except ValueError as error:
@@ -184,6 +212,8 @@ def resolve_run(
         tracker_options=tuple(sorted(tracker_options.items())), weights=_absolute(weights),
         device=device, workers=workers, progress=progress, train_out=train_out,
         unhonoured=chosen.unhonoured if chosen else (),
+        deviations=chosen.deviations if chosen else (),
+        command_line=tuple(sorted((command_line or {}).items())),
     )  # fmt: skip
 
 
@@ -336,3 +366,12 @@ def _absolute(path: str | Path | None) -> Path | None:
 
 def _text(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def _plain(value: object) -> object:
+    """A command-line value as JSON holds it."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

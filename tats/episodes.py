@@ -37,7 +37,7 @@ from tats.stores import FEATURES, TRACKS, RowStore, StoreError
 
 TRACKS_MODES = ("tracks", "frozen")
 PADDING_LIMIT = 0.5  # share of padding points above which training warns (`warn_padding`)
-MASK_MODES = ("query", "visible")
+MASK_MODES = ("query", "visible", "all")
 
 
 class EpisodeWarning(UserWarning):
@@ -83,7 +83,8 @@ class ReadOptions:
     (subsets and mask do not apply to it). mask "query": a point exists from its query frame
     on (TATs' query mask, for points tracked forward from their query frame); "visible": only
     where the tracker saw it (Trokens' mask: its points are tracked in both directions, so they
-    exist at every frame and visibility is what is known of them).
+    exist at every frame and visibility is what is known of them); "all": every point at every
+    frame (Trokens' release, whose query mask is all True: tats/fixes.py "trokens-mask").
     fill: how a clip with fewer points than the subset reaches its size. "repeat" (Trokens'):
     cluster draws repeat points (`queries.cluster_subset`), every read has P real points;
     "pad": every point at most once, masked zeros pad (grid stores' subsets always pad).
@@ -462,6 +463,8 @@ class ClipReader:
         visible = t["visible"][:, index] & real
         if opt.mask == "visible":
             mask = visible
+        elif opt.mask == "all":
+            mask = np.broadcast_to(real, visible.shape).copy()
         else:
             mask = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
         positions = self._normalised(t["positions"][:, index], row)

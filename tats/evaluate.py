@@ -41,7 +41,8 @@ from tats.fewshot import (
     prototype_frames,
 )
 from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
-from tats.runtime import Runtime, inference_amp
+from tats.fixes import FIX_NAMES
+from tats.runtime import Runtime, amp_modes, inference_amp
 from tats.stores import StoreError
 
 EVAL_BATCH = 32  # clips per forward when each clip is embedded once
@@ -78,9 +79,14 @@ class EpisodePredictions(NamedTuple):
 
 def evaluation_options(config: dict) -> ReadOptions:
     """How evaluation reads the clips of a run with training config `config`: view 0, the
-    run's point subsets, tracks mode and mask."""
+    run's point subsets, tracks mode and mask. Cluster sampling reads the stored subset, drawn
+    once per video; without the fix "eval-subset" (tats/fixes.py) it draws anew at every read
+    (seeded per episode), as Trokens' release tests."""
+    fresh_clusters = config.get("cluster_sampling", False) and "eval-subset" not in config.get(
+        "fixes", FIX_NAMES
+    )
     return ReadOptions(False, config["fresh_subset"], config["tracks_mode"], config["mask"],
-                       fill=config.get("fill", "repeat"))  # fmt: skip
+                       cluster_sampling=fresh_clusters, fill=config.get("fill", "repeat"))  # fmt: skip
 
 
 def embed(model: TATsModel, batch: dict[str, Tensor]) -> Tensor:
@@ -327,7 +333,8 @@ def evaluate(
         raise ValueError(f"episodes must be at least 1, not {episodes}")
     state = load_checkpoint(checkpoint)
     saved = state["config"]
-    rt = Runtime.setup(device, inference_amp(saved["amp"], device), workers, saved["prefetch"])
+    amp = amp_modes(saved["amp"], device, tuple(saved.get("fixes", FIX_NAMES)))[1]
+    rt = Runtime.setup(device, inference_amp(amp, device), workers, saved["prefetch"])
     data = EpisodeData.open(tracks, features, manifest)
     check_stores_match(state, data.tracks, data.features, Path(checkpoint))
     check_model_fits(ModelConfig(**state["model_config"]), data, Path(checkpoint))

@@ -45,16 +45,23 @@ def class_prototypes(support_tokens: Tensor, support_labels: Tensor, way: int, s
 
 
 def hausdorff_scores(
-    support_tokens: Tensor, support_labels: Tensor, query_tokens: Tensor, way: int, shot: int
+    support_tokens: Tensor,
+    support_labels: Tensor,
+    query_tokens: Tensor,
+    way: int,
+    shot: int,
+    full_precision: bool = True,
 ) -> Tensor:
     """Scores [Q, way] (higher = closer) of queries against the episode's classes.
 
     support_tokens [way*shot, S, P, D] with support_labels [way*shot] in 0..way-1 (each label
     `shot` times, any order); query_tokens [Q, S, P, D]. Column c is the class labelled c.
-    Computed in float32 even under autocast.
+    Computed in float32 even under autocast; full_precision False leaves the distances' matrix
+    products to the autocast, as the releases' training did (tats/fixes.py "metric-fp32").
     """
     prototypes = class_prototypes(support_tokens, support_labels, way, shot)
-    with torch.autocast(device_type=query_tokens.device.type, enabled=False):
+    enabled = torch.is_autocast_enabled(query_tokens.device.type) and not full_precision
+    with torch.autocast(device_type=query_tokens.device.type, enabled=enabled):
         return -hausdorff_distances(frame_embeddings(query_tokens), frame_embeddings(prototypes))
 
 

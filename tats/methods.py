@@ -7,6 +7,9 @@ changed alone for ablations (`--method trokens --motion hod`, or `--method tats 
 
     values = with_method({"method": "trokens", "motion": "hod"}, TRAIN_KEYS)
     # {"mask": "visible", "cluster_sampling": True, "motion": "hod"}
+
+Trokens' mask is the fix "trokens-mask" (tats/fixes.py): without it, the preset attends with
+the release's mask, which lets every token see every other (`--mask all`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ METHODS: dict[str, dict[str, object]] = {
 }  # fmt: skip
 TRACKS_KEYS = ("queries",)  # the tracks stage's options a method sets
 TRAIN_KEYS = ("mask", "cluster_sampling", "motion")  # the trainer's
+RELEASE_MASK = {"trokens": "all"}  # the preset's mask without the fix "trokens-mask"
 
 
 def with_method(values: dict, keys: tuple[str, ...]) -> dict:
@@ -33,4 +37,10 @@ def with_method(values: dict, keys: tuple[str, ...]) -> dict:
         return values
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    return {**{k: METHODS[method][k] for k in keys}, **values}
+    preset = {k: METHODS[method][k] for k in keys}
+    if "mask" in preset and method in RELEASE_MASK:
+        from tats.fixes import parse_fixes
+
+        if "trokens-mask" not in parse_fixes(values.get("fixes")):
+            preset["mask"] = RELEASE_MASK[method]
+    return {**preset, **values}

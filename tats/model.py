@@ -23,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tats.fixes import FIX_NAMES, FIXES
+
 SAMPLING_MODES = ("nearest", "bilinear")
 MOTION_FEATURES = ("none", "hod", "offsets", "both")
 # What every caller passes the model, by name, from a batch of clips (tats/episodes.py):
 # features [B, S, h, w, C], positions [B, S, P, 2] in [-1, 1], mask and visible bool [B, S, P].
 MODEL_INPUTS = ("features", "positions", "mask", "visible")
+MODEL_FIXES = tuple(f.name for f in FIXES if f.stage == "model")  # tats/fixes.py
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class ModelConfig:
     motion: Trokens' motion tokens, "none" (TATs), "hod" (histograms of oriented displacements
     with `hod_bins` bins), "offsets" (relative offsets to all `num_points` points) or "both"
     (Trokens). num_points: P, the points per clip; only the offsets' input size depends on it.
+    fixes: the fixes of the releases' model on (tats/fixes.py): "hod-order", "hod-shares"
+    (`orientation_histograms`), "motion-init" (`TATsModel.init_weights`); the others are
+    ignored here.
     """
 
     feature_dim: int = 768
@@ -69,8 +75,10 @@ class ModelConfig:
     motion: str = "none"
     hod_bins: int = 32
     num_points: int = 256
+    fixes: tuple[str, ...] = MODEL_FIXES
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "fixes", tuple(f for f in MODEL_FIXES if f in self.fixes))
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(
                 f"ModelConfig.sampling: {self.sampling!r} is not one of {SAMPLING_MODES}"
@@ -103,21 +111,31 @@ class ModelConfig:
         return self.motion in ("offsets", "both")
 
 
-def orientation_histograms(positions: Tensor, bins: int) -> Tensor:
+def orientation_histograms(
+    positions: Tensor, bins: int, release_order: bool = False, release_shares: bool = False
+) -> Tensor:
     """Histograms of oriented displacements per frame: [..., S, P, 2] -> [..., S, P, bins].
 
     At frame s > 0 a point's displacement from frame s-1 votes with its length for its angle;
     bin k is centred on the angle 2 pi k / bins (bin 0: +x, rightward; angles grow towards +y),
     and an angle between two bin centres is split between them linearly, the nearer bin getting
-    more. Frame 0 has no displacement: all zeros. Not normalised (Trokens' per-frame HOD,
-    `trokens/datasets/hod.py`, whose soft assignment gives the nearer bin the smaller share).
+    more. Frame 0 has no displacement: all zeros. Not normalised (Trokens' per-frame HOD).
+
+    release_order: bin k centred on -pi + 2 pi k / bins instead, as Trokens' release
+    (`trokens/datasets/hod.py`, `get_orientation_hist`: bin 0 leftward, the same histogram
+    rotated by half a turn). release_shares: the nearer bin gets the smaller share, as there.
     """
     step = positions[..., 1:, :, :] - positions[..., :-1, :, :]
     magnitude = step.float().norm(dim=-1)
     angle = torch.atan2(step[..., 1].float(), step[..., 0].float())
-    where = torch.remainder(angle / (2 * math.pi) * bins, bins)  # in [0, bins]
+    if release_order:
+        where = (angle / math.pi + 1) / 2 * bins  # in [0, bins]
+    else:
+        where = torch.remainder(angle / (2 * math.pi) * bins, bins)  # in [0, bins]
     lower = where.floor()
     upper_share = where - lower
+    if release_shares:
+        upper_share = 1 - upper_share
     lower = lower.long() % bins
     hist = step.new_zeros((*magnitude.shape, bins), dtype=torch.float32)
     hist.scatter_add_(-1, lower[..., None], (magnitude * (1 - upper_share))[..., None])
@@ -291,12 +309,16 @@ class TATsModel(nn.Module):
         Its Xavier pass over every parameter with more than one dim overwrote the truncated
         normal it had given the embeddings and the CLS token, and was itself overwritten for
         Linear (truncated normal, std 0.02, zero bias) and LayerNorm (1, 0) layers. The motion
-        embeddings are initialised like every other layer (Trokens created them after this pass,
-        so they kept PyTorch's defaults).
+        embeddings are initialised like every other layer with the fix "motion-init" (Trokens
+        created them after this pass, so they kept PyTorch's defaults, as without it).
         """
         for param in (self.space_pos_embed, self.time_pos_embed, self.cls_token):
             nn.init.xavier_uniform_(param)
+        motion = {id(m) for e in (self.hod_embed, self.offsets_embed) if e is not None
+                  for m in e.modules()}  # fmt: skip
         for m in self.modules():
+            if id(m) in motion and "motion-init" not in self.cfg.fixes:
+                continue
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
@@ -305,18 +327,21 @@ class TATsModel(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameters trained without weight decay: the position embeddings and the CLS token.
+    def no_weight_decay(self, fixes: tuple[str, ...] = FIX_NAMES) -> set[str]:
+        """Parameters trained without weight decay, by the fixes on (tats/fixes.py).
 
-        The original meant to exempt its position embeddings but named 'pos_embed' and
-        'temp_embed', which match no parameter; everything else decays, as there, except in the
-        motion embeddings: their Linear weights decay like all others, but not their biases and
-        final LayerNorm, whose gain sets how strongly motion enters the tokens (Trokens decayed
-        them by 0.5 too, which pulls that gain, and so the motion tokens, towards zero).
+        The CLS token always. "embed-decay": the position embeddings too (the original meant to
+        exempt them but named 'pos_embed' and 'temp_embed', which match no parameter).
+        "motion-decay": the motion embeddings' biases and final LayerNorm, whose gain sets how
+        strongly motion enters the tokens (Trokens decayed them by 0.5 too, which pulls that
+        gain, and so the motion tokens, towards zero); their Linear weights decay as all others.
         """
-        spared = {"space_pos_embed", "time_pos_embed", "cls_token"}
+        spared = {"cls_token"}
+        if "embed-decay" in fixes:
+            spared |= {"space_pos_embed", "time_pos_embed"}
         for name, param in self.named_parameters():
-            if name.startswith(("hod_embed.", "offsets_embed.")) and param.ndim == 1:
+            motion = name.startswith(("hod_embed.", "offsets_embed."))
+            if motion and param.ndim == 1 and "motion-decay" in fixes:
                 spared.add(name)
         return spared
 
@@ -386,7 +411,9 @@ class TATsModel(nn.Module):
         """
         cfg, motion = self.cfg, None
         if self.hod_embed is not None:
-            motion = self.hod_embed(orientation_histograms(positions, cfg.hod_bins))
+            hist = orientation_histograms(positions, cfg.hod_bins, "hod-order" not in cfg.fixes,
+                                          "hod-shares" not in cfg.fixes)  # fmt: skip
+            motion = self.hod_embed(hist)
         if self.offsets_embed is not None:
             p = positions.shape[2]
             if p != cfg.num_points:

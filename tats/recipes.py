@@ -26,18 +26,21 @@ else:  # pragma: no cover
 RECIPES = Path(__file__).parent / "configs"
 TOP_KEYS = {
     "method", "dataset", "deviations", "unhonoured", "source", "paper", "split", "time",
-    "tracks", "paper_tracker", "features", "train",
+    "tracks", "paper_tracker", "features", "train", "release", "notes",
 }  # fmt: skip
+RELEASE_KEYS = ("seed",)  # the `release` protocol's training values (tats/fixes.py)
 TIME_KEYS = ("frames", "fps", "native_suffixes")  # shared by both stages
 
 
 @dataclass(frozen=True)
 class Paper:
-    """The 5-way accuracy (%) the paper reports; None where the release does not state it."""
+    """The 5-way accuracy (%) the paper reports (`where`: the paper and its table, and how the
+    figure was checked); None where tats has no figure for it (`missing` says why)."""
 
     shot_1: float | None = None
     shot_5: float | None = None
-    where: str = "not stated in the release"
+    where: str = ""
+    missing: str = ""
 
     def accuracy(self, shot: int) -> float | None:
         return {1: self.shot_1, 5: self.shot_5}.get(shot)
@@ -82,6 +85,9 @@ class Recipe:
     paper_tracker: dict = field(default_factory=dict)
     deviations: tuple[str, ...] = ()
     unhonoured: tuple[str, ...] = ()
+    # The `release` protocol's training values, under everything given ({"seed": RNG_SEED}).
+    release: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what `tats recipes` adds below the table
 
     @property
     def release_file(self) -> str:
@@ -148,7 +154,9 @@ def load_recipe(name: str | Path) -> Recipe:
         if not isinstance(values.get(key), str):
             raise ValueError(f"{path}: {key} must be a string")
     tables = {}
-    for key in ("source", "paper", "split", "time", "tracks", "paper_tracker", "features", "train"):
+    tables_named = ("source", "paper", "split", "time", "tracks", "paper_tracker", "features",
+                    "train", "release")  # fmt: skip
+    for key in tables_named:
         table = values.get(key, {})
         if not isinstance(table, dict):
             raise ValueError(f"{path}: [{key}] must be a table")
@@ -160,6 +168,12 @@ def load_recipe(name: str | Path) -> Recipe:
         for stage in ("tracks", "features"):
             if key in tables[stage]:
                 raise ValueError(f"{path}: [{stage}] {key}: set it in [time] (both stages)")
+    bad_release = sorted(set(tables["release"]) - set(RELEASE_KEYS))
+    if bad_release:
+        raise ValueError(f"{path}: [release] {bad_release[0]!r}: expected {', '.join(RELEASE_KEYS)}")
+    for key in ("fixes", "protocol"):
+        if key in tables["train"]:
+            raise ValueError(f"{path}: [train] {key}: a recipe runs the release (--fixes, --protocol)")
     paper_tracker = tables["paper_tracker"]
     if paper_tracker and (
         set(paper_tracker) - {"tracker", "options"}
@@ -179,7 +193,8 @@ def load_recipe(name: str | Path) -> Recipe:
         tracks=tables["tracks"], features=tables["features"], train=tables["train"],
         paper_tracker=paper_tracker,
         deviations=tuple(values.get("deviations", ())),
-        unhonoured=tuple(values.get("unhonoured", ())),
+        unhonoured=tuple(values.get("unhonoured", ())), release=tables["release"],
+        notes=tuple(values.get("notes", ())),
     )  # fmt: skip
     _check_options(recipe)
     return recipe

@@ -29,6 +29,15 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+def amp_modes(amp: str, device: str, fixes: tuple[str, ...]) -> tuple[str, str]:
+    """The amp modes of training and of evaluation on `device`. `auto` is bf16 on CUDA where
+    supported, in both; without the fix "bf16" (tats/fixes.py), `auto` is the releases':
+    fp16 autocast (with a GradScaler) in training and fp32 in evaluation, on CUDA."""
+    if amp != "auto" or "bf16" in fixes:
+        return amp, amp
+    return ("fp16" if resolve_device(device).type == "cuda" else "off"), "off"
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` (CUDA where there is one), `cpu`, `cuda` or `cuda:N`; ValueError naming the
     problem for anything else."""

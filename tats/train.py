@@ -23,6 +23,7 @@ metrics.json (history, best epoch, test results), tensorboard/, plots/*.png.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import math
 import os
@@ -57,8 +58,9 @@ from tats.evaluate import (
     write_json,
 )
 from tats.fewshot import episode_loss, hausdorff_scores
+from tats.fixes import FIX_NAMES
 from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
-from tats.runtime import Runtime
+from tats.runtime import Runtime, amp_modes, autocast_dtype
 from tats.stores import StoreError
 from tats.train_config import TrainConfig
 
@@ -68,7 +70,7 @@ RESUME_MAY_CHANGE = (
     "log_every", "test_episodes", "epochs",
 )  # fmt: skip
 # Options added after runs were first saved, with the value that reads as those runs read.
-ADDED_SINCE = {"fill": "pad"}
+ADDED_SINCE = {"fill": "pad", "fixes": list(FIX_NAMES), "protocol": "clean"}
 TRAIN_STATS = ("loss", "episode_loss", "cls_loss", "train_accuracy")
 
 
@@ -84,9 +86,9 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return stepped(epoch)
 
 
-def param_groups(model: TATsModel, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on all but the model's `no_weight_decay()` parameters."""
-    exempt = model.no_weight_decay()
+def param_groups(model: TATsModel, weight_decay: float, fixes: tuple[str, ...]) -> list[dict]:
+    """AdamW groups: weight decay on all but the model's `no_weight_decay(fixes)` parameters."""
+    exempt = model.no_weight_decay(fixes)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if name in exempt else decay).append(param)
@@ -166,7 +168,9 @@ class RunResult:
     best_epoch: int
     best_val_accuracy: float | None
     history: list[dict]
-    test: EvalResult | None
+    test: EvalResult | None  # of the checkpoint the protocol tests (`test_checkpoint`)
+    test_checkpoint: str = "best"  # "best" or "last"
+    other_test: EvalResult | None = None  # of the other one, where it is of another epoch
 
 
 def write_metrics(out: Path, history: list[dict], summary: dict) -> None:
@@ -181,20 +185,26 @@ def write_metrics(out: Path, history: list[dict], summary: dict) -> None:
     write_json(out / "metrics.json", {**summary, "history": history})
 
 
-def validation_spec(data: EpisodeData, spec: EpisodeSpec) -> tuple[SplitClasses, EpisodeSpec]:
-    """The val classes and episodes; fewer val classes than `way` validate fewer-way."""
-    classes = data.classes("val", spec.per_class, 2)
+def validation_spec(
+    data: EpisodeData, spec: EpisodeSpec, split: str = "val"
+) -> tuple[SplitClasses, EpisodeSpec]:
+    """The classes and episodes of validation on `split`; fewer classes than `way` validate
+    fewer-way."""
+    classes = data.classes(split, spec.per_class, 2)
     if len(classes.drawable) < spec.way:
         way = len(classes.drawable)
-        warnings.warn(f"val has {way} usable classes: validating {way}-way", EpisodeWarning, 2)
+        warnings.warn(f"{split} has {way} usable classes: validating {way}-way", EpisodeWarning, 2)
         spec = EpisodeSpec(way, spec.shot, spec.queries)
     return classes, spec
 
 
 def train(config: TrainConfig) -> RunResult:
-    """Train (or resume) the run in `config.out`, then evaluate its best checkpoint on test."""
+    """Train (or resume) the run in `config.out`, then evaluate on test the checkpoint its
+    protocol tests (best or last), and the other one too where it is of another epoch."""
     cfg = config
-    rt = Runtime.setup(cfg.device, cfg.amp, cfg.workers, cfg.prefetch)
+    train_amp, eval_amp = amp_modes(cfg.amp, cfg.device, cfg.fixes)
+    rt = Runtime.setup(cfg.device, train_amp, cfg.workers, cfg.prefetch)
+    eval_rt = dataclasses.replace(rt, amp_dtype=autocast_dtype(eval_amp, rt.device))
     out = Path(cfg.out)
     last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
 
@@ -208,7 +218,8 @@ def train(config: TrainConfig) -> RunResult:
         train_classes = data.classes("train", train_spec.per_class, cfg.way)
         options = ReadOptions(cfg.augment, cfg.fresh_subset, cfg.tracks_mode, cfg.mask,
                               cfg.cluster_sampling, cfg.fill)  # fmt: skip
-        train_set = data.dataset("train", train_spec, options, cfg.seed, rt.rank, train_classes)
+        draw_rank = rt.rank if "rank-episodes" in cfg.fixes else 0  # the releases: all alike
+        train_set = data.dataset("train", train_spec, options, cfg.seed, draw_rank, train_classes)
         warn_padding(data, train_classes, options)
         warn_augmented_pixels(data, options)
         test_classes = None
@@ -216,7 +227,7 @@ def train(config: TrainConfig) -> RunResult:
             test_classes = data.classes("test", test_spec.per_class, cfg.way)
         if cfg.val_episodes:
             try:
-                val_classes, val_spec = validation_spec(data, test_spec)
+                val_classes, val_spec = validation_spec(data, test_spec, cfg.val_split)
             except StoreError as error:
                 warnings.warn(f"no validation, best.pt is the last epoch: {error}",
                               EpisodeWarning, 2)  # fmt: skip
@@ -224,13 +235,13 @@ def train(config: TrainConfig) -> RunResult:
         feature_dim=data.feature_dim, width=cfg.width, depth=cfg.depth, num_heads=cfg.heads,
         mlp_ratio=cfg.mlp_ratio, num_frames=data.num_frames, grid_size=data.grid[0],
         num_classes=len(train_classes.names), sampling=cfg.sampling, drop_path_rate=cfg.drop_path,
-        motion=cfg.motion, hod_bins=cfg.hod_bins, num_points=data.points,
+        motion=cfg.motion, hod_bins=cfg.hod_bins, num_points=data.points, fixes=cfg.fixes,
     )  # fmt: skip
     check_model_fits(model_cfg, data, data.features.path)
 
     torch.manual_seed(cfg.seed)
     model = TATsModel(model_cfg).to(rt.device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.fixes), lr=cfg.lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     start_epoch, best_epoch, best_val, history = 0, 0, -math.inf, []
     if last_path.is_file():
@@ -275,13 +286,17 @@ def train(config: TrainConfig) -> RunResult:
         record |= train_epoch(net, train_loader, optimizer, scaler, cfg, train_spec, epoch, rt,
                               writer)  # fmt: skip
         record |= {"val_accuracy": None, "val_ci95": None}
-        if val_classes is not None:
+        validates = (epoch + 1) % cfg.eval_period == 0 or epoch + 1 == cfg.epochs
+        if val_classes is not None and validates:
             val = eval_result(val_classes, val_spec, episode_predictions(
-                model, data, val_classes, val_spec, eval_options, cfg.val_episodes, cfg.seed, rt
+                model, data, val_classes, val_spec, eval_options, cfg.val_episodes, cfg.seed,
+                eval_rt,
             ))  # fmt: skip
             record |= {"val_accuracy": val.accuracy, "val_ci95": val.ci95}
         history.append(record)
-        improved = val_classes is None or record["val_accuracy"] > best_val
+        improved = val_classes is None or (
+            record["val_accuracy"] is not None and record["val_accuracy"] > best_val
+        )
         if improved:
             best_epoch = epoch + 1
             best_val = best_val if val_classes is None else record["val_accuracy"]
@@ -303,8 +318,9 @@ def train(config: TrainConfig) -> RunResult:
                 if record[name] is not None:
                     writer.add_scalar(f"epoch/{name}", record[name], epoch + 1)
             writer.flush()
-        val_text = "" if val_classes is None else (
-            f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}% ({val_spec.way}-way)"
+        val_text = "" if record["val_accuracy"] is None else (
+            f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}% ({val_spec.way}-way"
+            f"{', test split' if cfg.val_split == 'test' else ''})"
         )  # fmt: skip
         rt.log(
             f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, train acc "
@@ -313,27 +329,42 @@ def train(config: TrainConfig) -> RunResult:
         )
     del train_loader  # stops its workers
 
-    test = None
     rt.barrier()  # best.pt is written
+    final_epoch = history[-1]["epoch"] if history else 0
+    tested = cfg.test_checkpoint
+    other = "last" if tested == "best" else "best"
+    tests: dict[str, EvalResult] = {}
     if test_classes is not None:
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-        test = eval_result(test_classes, test_spec, episode_predictions(
-            model, data, test_classes, test_spec, eval_options, cfg.test_episodes, cfg.seed, rt
-        ))  # fmt: skip
-        rt.log(
-            f"test ({best_path.name}, epoch {best_epoch}): {test.accuracy:.2f} +- "
-            f"{test.ci95:.2f}% over {test.episodes} {test.way}-way {test.shot}-shot episodes"
-        )
+        checkpoints = {"best": (best_path, best_epoch), "last": (last_path, final_epoch)}
+        wanted = [tested] + ([other] if best_epoch != final_epoch else [])
+        for name in wanted:
+            path, epoch = checkpoints[name]
+            model.load_state_dict(load_checkpoint(path)["model"])
+            tests[name] = result = eval_result(test_classes, test_spec, episode_predictions(
+                model, data, test_classes, test_spec, eval_options, cfg.test_episodes, cfg.seed,
+                eval_rt,
+            ))  # fmt: skip
+            rt.log(
+                f"test ({path.name}, epoch {epoch}): {result.accuracy:.2f} +- "
+                f"{result.ci95:.2f}% over {result.episodes} {result.way}-way {result.shot}-shot "
+                f"episodes{'' if name == tested else ' (not the protocol choice)'}"
+            )
+    test, other_test = tests.get(tested), tests.get(other)
     if rt.main:
-        tested = {"test": test.to_dict()} if test is not None else {}
-        write_metrics(out, history, summary(cfg, best_epoch, best_val) | tested)
+        results = {}
+        if test is not None:
+            results["test"] = {"checkpoint": tested, **test.to_dict()}
+        if other_test is not None:
+            results["other_test"] = {"checkpoint": other, **other_test.to_dict()}
+        write_metrics(out, history, summary(cfg, best_epoch, best_val) | results)
         viz.plot_history(history, out / "plots")
         if test is not None:
             viz.plot_confusion(test.confusion, test.classes, out / "plots" / "confusion.png")
         writer.close()
     rt.barrier()
     best = None if best_val == -math.inf else best_val
-    return RunResult(out, last_path, best_path, best_epoch, best, history, test)
+    return RunResult(out, last_path, best_path, best_epoch, best, history, test, tested,
+                     other_test)  # fmt: skip
 
 
 def train_epoch(
@@ -360,7 +391,8 @@ def train_epoch(
         labels = batch["labels"]
         with rt.autocast():
             tokens, logits = net(**{k: batch[k] for k in MODEL_INPUTS})
-            scores = hausdorff_scores(tokens[:n], labels[:n], tokens[n:], spec.way, spec.shot)
+            scores = hausdorff_scores(tokens[:n], labels[:n], tokens[n:], spec.way, spec.shot,
+                                      "metric-fp32" in cfg.fixes)  # fmt: skip
             loss = episode_loss(
                 scores, labels[n:], logits, batch["classes"], cfg.episode_weight, cfg.cls_weight
             )

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tats.episodes import EpisodeSpec, ReadOptions
+from tats.fixes import FIX_NAMES, PROTOCOLS, RELEASE_VAL_SHARE, parse_fixes
 from tats.methods import TRAIN_KEYS, with_method
 from tats.model import MOTION_FEATURES, SAMPLING_MODES
 from tats.runtime import AMP_MODES
@@ -61,6 +62,11 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 on CUDA when supported, off on CPU
     episode_weight: float = 1.0
     cls_weight: float = 1.0
+    # the releases' fixes on (tats/fixes.py) and the protocol: "clean" validates on the val
+    # split after every epoch and tests the best checkpoint; "release" validates on the test
+    # split every 5 epochs and tests the last epoch's (the releases' test step)
+    fixes: tuple[str, ...] = FIX_NAMES
+    protocol: str = "clean"
     # running
     seed: int = 0
     device: str = "auto"
@@ -71,6 +77,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
+        object.__setattr__(self, "fixes", parse_fixes(self.fixes))
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         EpisodeSpec(self.way, self.shot, self.train_queries)
         EpisodeSpec(self.way, self.shot, self.test_queries)
         ReadOptions(self.augment, self.fresh_subset, self.tracks_mode, self.mask,
@@ -99,7 +108,33 @@ class TrainConfig:
             raise ValueError(f"sampling {self.sampling!r} is not one of {SAMPLING_MODES}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "lr_steps": list(self.lr_steps)}
+        return {**asdict(self), "lr_steps": list(self.lr_steps), "fixes": list(self.fixes)}
+
+    @property
+    def val_split(self) -> str:
+        """The split validation reads: the releases validate on test (a comment there says MoLo
+        does so)."""
+        return "test" if self.protocol == "release" else "val"
+
+    @property
+    def eval_period(self) -> int:
+        """Validate after every this many epochs, and after the last (TRAIN.EVAL_PERIOD)."""
+        return 5 if self.protocol == "release" else 1
+
+    @property
+    def test_checkpoint(self) -> str:
+        """Which checkpoint the protocol tests: the releases' test step takes the last one by
+        file name (`checkpoint_epoch_00050.pyth` sorts after `checkpoint_best.pyth`)."""
+        return "last" if self.protocol == "release" else "best"
+
+
+def with_protocol(values: dict) -> dict:
+    """`values` over what its protocol fills where not given: "release" validates with the
+    releases' episode count, FEW_SHOT.TEST_EPISODES // 5."""
+    if values.get("protocol") == "release" and "val_episodes" not in values:
+        tests = values.get("test_episodes", TrainConfig.test_episodes)
+        values = {**values, "val_episodes": tests // RELEASE_VAL_SHARE}
+    return values
 
 
 def config_from_dict(values: dict, source: str | None = None) -> TrainConfig:
@@ -110,7 +145,7 @@ def config_from_dict(values: dict, source: str | None = None) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     values = {key.replace("-", "_"): value for key, value in values.items()}
     try:
-        values = with_method(values, TRAIN_KEYS)
+        values = with_protocol(with_method(values, TRAIN_KEYS))
     except ValueError as error:
         raise ValueError(f"{where}{error}") from None
     unknown = sorted(set(values) - known)

@@ -29,26 +29,45 @@ T = "pulkitkumar95/tats"
 K = "pulkitkumar95/trokens"
 TATS_PAPER = (47.9, 64.4), (57.7, 74.6), (60.0, 77.0), (92.0, 95.5)  # small, full, hmdb, ucf
 TROKENS_PAPER = (53.4, 68.9), (61.5, 76.7), (69.8, 82.3), (94.0, 97.9)
+TATS_COMMIT = "c9436ea07ce8e17676c0c980dcae83e5a349bed2"
+TROKENS_COMMIT = "860573d80082596f8b29ee64dd3dc3bc8d5a9e10"
+TATS_NAME = ("Kumar et al., Trajectory-aligned Space-time Tokens for Few-shot Action Recognition, "
+             "ECCV 2024 (arXiv:2407.18249)")  # fmt: skip
+TROKENS_NAME = ("Kumar, Huang et al., Trokens: Semantic-Aware Relational Trajectory Tokens for "
+                "Few-Shot Action Recognition, ICCV 2025 (arXiv:2508.03695)")  # fmt: skip
+SECONDARY = (" (quoted from a secondary summary of the paper; not checked against the paper's "
+             "table, whose text was not at hand)")  # fmt: skip
 
 
-def tats(yaml, *, frames, episodes, split, paper=None, derived=False):
+def paper_rows(name: str, paper, dataset: str) -> dict:
+    """Where a recipe's accuracy comes from: the paper (figures quoted from a secondary summary),
+    or missing: the paper reports it, tats has no figure."""
+    if paper:
+        return {
+            "paper.where": (name + SECONDARY, "the paper, through a secondary summary"),
+            "paper.shot_1": (paper[0], "the paper's 5-way 1-shot accuracy"),
+            "paper.shot_5": (paper[1], "the paper's 5-way 5-shot accuracy"),
+        }
+    missing = f"the paper reports {dataset}; tats has no figure for it yet (no summary at hand quoted it)"
+    return {"paper.where": (name, "the paper"), "paper.missing": (missing, "no figure at hand")}
+
+
+def tats(yaml, *, frames, episodes, split, paper=None, derived=False, trokens_yaml=None):
     """A TATs recipe: pulkitkumar95/tats `yaml` (derived: the nearest config, for a dataset the
-    release has none for), its README.md's command, point_tracking/."""
-    y = f"{T} {yaml}"
+    release has none for; `trokens_yaml`: the same authors' Trokens config of that dataset), its
+    README.md's command, point_tracking/."""
+    y = f"{K} {trokens_yaml}" if trokens_yaml else f"{T} {yaml}"
+    m = f"{K} trokens/config/defaults.py" if trokens_yaml else y
+    source = (K, TROKENS_COMMIT, trokens_yaml) if trokens_yaml else (T, TATS_COMMIT, yaml)
+    derived_from = f"{K} {trokens_yaml}" if trokens_yaml else (yaml if derived else "")
     rows = {
         "method": ("tats", f"{T} README.md: Pointformer, {yaml} POINT_INFO.USE_PT_QUERY_MASK"),
         "dataset": (split[4], "the paper's dataset name"),
-        "source.repository": (T, "the release"),
-        "source.commit": ("c9436ea07ce8e17676c0c980dcae83e5a349bed2", "the release's commit"),
-        "source.config": (yaml, "the release's config"),
-        "source.derived": (yaml if derived else "", "no release config for this dataset"),
-        "paper.where": (
-            "Kumar et al., Trajectory-aligned Space-time Tokens for Few-shot Action "
-            "Recognition, ECCV 2024 (arXiv:2407.18249)"
-            if paper
-            else "not stated in the release",
-            "the paper",
-        ),
+        "source.repository": (source[0], "the release"),
+        "source.commit": (source[1], "the release's commit"),
+        "source.config": (source[2], "the release's config"),
+        "source.derived": (derived_from, "no TATs release config for this dataset"),
+        "release.seed": (0, f"{T} configs/TaTs/*.yaml: RNG_SEED 0"),
         "split.importer": (split[0], f"{T} slowfast/datasets/: the few-shot split lists"),
         "split.lists": (split[1], "data_manifests/splits/"),
         "split.dataset": (split[2], f"{T} slowfast/datasets/"),
@@ -85,15 +104,12 @@ def tats(yaml, *, frames, episodes, split, paper=None, derived=False):
         "train.warmup_lr": (1e-6, f"{y}: SOLVER.WARMUP_START_LR"),
         "train.lr_steps": ([20, 40], f"{y}: SOLVER.STEPS [0, 20, 40]"),
         "train.lr_decay": (0.1, f"{y}: SOLVER.LRS [1, 0.1, 0.01]"),
-        "train.depth": (1, f"{y}: MF.DEPTH"),
-        "train.heads": (8, f"{y}: MF.NUM_HEADS"),
-        "train.mlp_ratio": (4.0, f"{y}: MF.MLP_RATIO"),
-        "train.drop_path": (0.2, f"{y}: MF.DROP_PATH"),
+        "train.depth": (1, f"{m}: MF.DEPTH"),
+        "train.heads": (8, f"{m}: MF.NUM_HEADS"),
+        "train.mlp_ratio": (4.0, f"{m}: MF.MLP_RATIO"),
+        "train.drop_path": (0.2, f"{m}: MF.DROP_PATH"),
     }
-    if paper:
-        rows["paper.shot_1"] = (paper[0], "the paper's 5-way 1-shot accuracy")
-        rows["paper.shot_5"] = (paper[1], "the paper's 5-way 5-shot accuracy")
-    return rows
+    return rows | paper_rows(TATS_NAME, paper, split[4])
 
 
 def trokens(name, *, episodes, split, paper=None):
@@ -105,16 +121,10 @@ def trokens(name, *, episodes, split, paper=None):
         "method": ("trokens", f"{s}: USE_CROSS_MOTION_MODULE, USE_HOD_MOTION_MODULE True"),
         "dataset": (split[4], "the paper's dataset name"),
         "source.repository": (K, "the release"),
-        "source.commit": ("860573d80082596f8b29ee64dd3dc3bc8d5a9e10", "the release's commit"),
+        "source.commit": (TROKENS_COMMIT, "the release's commit"),
         "source.config": (f"configs/trokens/{name}.yaml", "the release's config"),
         "source.derived": ("", "every Trokens dataset has its release config"),
-        "paper.where": (
-            "Kumar, Huang et al., Trokens: Semantic-Aware Relational Trajectory Tokens for "
-            "Few-Shot Action Recognition, ICCV 2025 (arXiv:2508.03695)"
-            if paper
-            else "not stated in the release",
-            "the paper",
-        ),
+        "release.seed": (1, f"{d}: RNG_SEED (no config sets it)"),
         "split.importer": (split[0], f"{K} trokens/datasets/: the few-shot split lists"),
         "split.lists": (split[1], "data_manifests/splits/"),
         "split.dataset": (split[2], f"{K} trokens/datasets/"),
@@ -152,10 +162,7 @@ def trokens(name, *, episodes, split, paper=None):
         "train.drop_path": (0.2, f"{d}: MF.DROP_PATH"),
         "train.hod_bins": (32, f"{K} trokens/config/custom_config.py: POINT_INFO.HOD.NUM_BINS"),
     }
-    if paper:
-        rows["paper.shot_1"] = (paper[0], "the paper's 5-way 1-shot accuracy")
-        rows["paper.shot_5"] = (paper[1], "the paper's 5-way 5-shot accuracy")
-    return rows
+    return rows | paper_rows(TROKENS_NAME, paper, split[4])
 
 
 SSV2_SMALL = ("molo", "molo/ssv2_small", "ssv2")
@@ -170,9 +177,11 @@ RELEASES = {
                            split=(*SSV2_FULL, "", "SSv2-full")),
     "tats/k100": tats(K100_YAML, frames=16, episodes=100,
                       split=(*KINETICS, "kinetics100", "Kinetics-100")),
-    "tats/hmdb": tats(K100_YAML, frames=16, episodes=100, paper=TATS_PAPER[2], derived=True,
+    "tats/hmdb": tats(K100_YAML, frames=8, episodes=200, paper=TATS_PAPER[2],
+                      trokens_yaml="configs/trokens/hmdb.yaml",
                       split=(*HMDB, "hmdb_few_shot.csv", "HMDB-51")),
-    "tats/ucf": tats(K100_YAML, frames=16, episodes=100, paper=TATS_PAPER[3], derived=True,
+    "tats/ucf": tats(K100_YAML, frames=8, episodes=100, paper=TATS_PAPER[3],
+                     trokens_yaml="configs/trokens/ucf.yaml",
                      split=(*UCF, "ucf_few_shot.csv", "UCF-101")),
     "trokens/ssv2_small": trokens("ssv2_small", episodes=400, paper=TROKENS_PAPER[0],
                                   split=(*SSV2_SMALL, "ssv2_small", "SSv2-small")),
@@ -193,7 +202,7 @@ def leaves(values: dict, prefix: str = "") -> dict:
     """{"train.episodes": 400, ...}: every value of a recipe file but its notes."""
     found = {}
     for key, value in values.items():
-        if key in ("deviations", "unhonoured"):
+        if key in ("deviations", "unhonoured", "notes"):
             continue
         if isinstance(value, dict):
             found |= leaves(value, f"{prefix}{key}.")
@@ -322,7 +331,7 @@ def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
     config = json.loads(result.output)
     assert config["stages"]["tracks"]["queries"] == "semantic"
     assert config["trainings"]["train"]["motion"] == "both"
-    assert config["trainings"]["train"]["episodes"] == 100  # the recipe's all the same
+    assert config["trainings"]["train"]["episodes"] == 200  # the recipe's all the same
 
 
 def test_paper_tracker_runs_the_papers_tracker(tmp_path):

@@ -6,6 +6,9 @@ command's parameter name gives the flag where none is named (`checkpoint` -> `--
 from __future__ import annotations
 
 import typer
+from click.core import ParameterSource
+
+from tats.fixes import FIX_NAMES
 
 MANIFEST = typer.Option(..., "--manifest", "-m", help="Dataset manifest CSV.", show_default=False)
 VIDEO_ROOT = typer.Option(
@@ -79,3 +82,29 @@ BACKBONE_WEIGHTS = typer.Option(
 CLUSTER_WEIGHTS = typer.Option(
     None, help="Semantic queries: the clustering backbone's weights [default: its caches]."
 )
+
+# The releases' fixes and protocol (tats/fixes.py): `tats run`, `tats-train`.
+FIXES = typer.Option(
+    None,
+    help="The fixes of the releases to run: all, none, or names separated by commas ("
+    + ", ".join(FIX_NAMES)
+    + "; docs/faithful.md says what each changes) [default: none with --recipe, else all].",
+    show_default=False,
+)
+PROTOCOL = typer.Option(
+    None,
+    help="release: validate on the test split every 5 epochs with test-episodes / 5 episodes, "
+    "test the last epoch, the release's seed (what the releases ran); clean: validate on the "
+    "val split after every epoch, test the best epoch on val (both checkpoints are tested "
+    "where they differ) [default: release with --recipe, else clean].",
+    show_default=False,
+)
+
+
+def command_line(ctx: typer.Context) -> dict:
+    """The options given on the command line, by parameter name, with their values."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }

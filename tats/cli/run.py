@@ -14,6 +14,7 @@ from tats.cli.extract import parse_options, report
 
 
 def run(
+    ctx: typer.Context,
     manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(
         ..., "--out", "-o", help="Run folder: tracks.zarr, features.zarr and train/ go here."
@@ -74,6 +75,8 @@ def run(
     train_out: str = typer.Option(
         "train", help="Folder in --out that training writes (e.g. baseline for a second model)."
     ),
+    fixes: str | None = opt.FIXES,
+    protocol: str | None = opt.PROTOCOL,
     progress: bool = opt.PROGRESS,
 ) -> None:
     """Run the whole chain on a manifest; rerun the same command to resume it.
@@ -100,7 +103,8 @@ def run(
             tracker_options=parse_options(tracker_option), video_root=video_root,
             tracker_checkpoint=checkpoint,
             weights=weights, device=device, workers=workers, progress=progress,
-            train_out=train_out,
+            train_out=train_out, fixes=fixes, protocol=protocol,
+            command_line=opt.command_line(ctx),
         )  # fmt: skip
         if print_config:
             typer.echo(json.dumps(config.to_dict(), indent=1))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from tats.cli import options as opt
 from tats.cli.common import OK, fail, input_errors
 
 HELP = (
@@ -113,6 +114,8 @@ def main(
     clip_grad: float = typer.Option(None, help="Clip the gradient L2 norm to this [off]."),
     amp: str = typer.Option(None, help="auto (bf16 on CUDA, off on CPU), bf16, fp16, off."),
     seed: int = typer.Option(None, help="Seed of the model and of every episode [0]."),
+    fixes: str = opt.FIXES,
+    protocol: str = opt.PROTOCOL,
     device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1 ... [auto]."),
     workers: int = typer.Option(None, help="DataLoader worker processes [2]."),
     prefetch: int = typer.Option(None, help="Episodes each worker reads ahead [4]."),
@@ -131,10 +134,14 @@ def main(
     if "lr_steps" in given:
         given["lr_steps"] = _steps(given["lr_steps"])
     with input_errors():
-        values = load_recipe(recipe).train_options() if recipe is not None else {}
+        chosen = load_recipe(recipe) if recipe is not None else None
+        values = {"fixes": "none", "protocol": "release"} if chosen else {}
+        values.update(chosen.train_options() if chosen else {})
         from_file = read_config_file(config) if config is not None else {}
         values.update({k.replace("-", "_"): v for k, v in from_file.items()})
         values.update(given)
+        if chosen is not None and values["protocol"] == "release":
+            values = {**chosen.release, **values}
         if eval_only:
             if checkpoint is None:
                 raise fail("--eval-only needs --checkpoint")

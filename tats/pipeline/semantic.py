@@ -265,20 +265,31 @@ def mask_points(mask: np.ndarray, count: int, seed: int = POINT_SEED) -> np.ndar
 
 
 def semantic_queries(
-    labels: np.ndarray, frame_ids: np.ndarray, height: int, width: int, points_per_cluster: int
+    labels: np.ndarray,
+    frame_ids: np.ndarray,
+    height: int,
+    width: int,
+    points_per_cluster: int,
+    release_query_frame: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Query points of clustered frames: labels [F, h, w] (cluster ids, -1 none), `frame_ids`
     [F] the clip frames they are of, frames of `height` x `width` px.
 
     Returns queries [N, 3] float32 (t, x, y) and each point's cluster id [N] int32, grouped by
-    cluster (ascending), raster order within a cluster; t is the cluster's peak frame.
+    cluster (ascending), raster order within a cluster; t is the cluster's peak frame, where
+    its points lie. release_query_frame: t is the clustering frame at the peak frame's position
+    among the distinct peak frames, ascending, as Trokens' release (`point_tracking/utils.py`
+    `convert_points_for_tracking` numbers the peak frames' point lists, not the frames); the
+    points still lie where the cluster is at its peak frame.
     """
     peaks = peak_frames(labels)
+    position = np.searchsorted(np.unique(peaks), peaks)
     queries, clusters = [], []
     for cluster, peak in enumerate(peaks):
         mask = upsample_mask(labels[peak] == cluster, height, width)
         xy = mask_points(mask, points_per_cluster)
-        t = np.full((len(xy), 1), frame_ids[peak], np.float32)
+        when = frame_ids[position[cluster]] if release_query_frame else frame_ids[peak]
+        t = np.full((len(xy), 1), when, np.float32)
         queries.append(np.concatenate([t, xy], axis=1))
         clusters.append(np.full(len(xy), cluster, np.int32))
     if not queries:
@@ -292,10 +303,12 @@ def select_queries(
     height: int,
     width: int,
     config: SemanticConfig,
+    release_query_frame: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Patch features [F, h, w, D] of the clip frames `frame_ids` -> (queries [N, 3] (t, x, y)
-    in pixels of `height` x `width` frames, cluster id per query [N], patch labels [F, h, w])."""
+    in pixels of `height` x `width` frames, cluster id per query [N], patch labels [F, h, w]);
+    `release_query_frame`: as `semantic_queries`."""
     labels = cluster_patches(features, config)
     queries, clusters = semantic_queries(labels, frame_ids, height, width,
-                                         config.points_per_cluster)  # fmt: skip
+                                         config.points_per_cluster, release_query_frame)  # fmt: skip
     return queries, clusters, labels

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tats.fixes import TRACKS_FIXES, parse_fixes, stage_fixes
 from tats.manifest import Manifest, VideoRow
 from tats.pipeline import queries as Q
 from tats.pipeline import semantic as S
@@ -52,8 +53,13 @@ class TracksConfig:
     max_side: int | None = 512  # decode frames with their longer side at most this (px)
     shard_size: int = 64
     semantic: S.SemanticConfig | None = None  # queries="semantic": its options (None: defaults)
+    # The tracks stage's fixes of the releases on (tats/fixes.py: "query-frame",
+    # "frame-visibility"); None: all of them, as stores made before the switches.
+    fixes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.fixes is not None:
+            object.__setattr__(self, "fixes", stage_fixes(parse_fixes(self.fixes), TRACKS_FIXES))
         if self.queries == SEMANTIC:
             if self.semantic is None:
                 object.__setattr__(self, "semantic", S.SemanticConfig())
@@ -73,6 +79,10 @@ class TracksConfig:
             raise ValueError(f"fps must be positive, not {self.fps}")
         if self.max_side is not None and self.max_side < 16:
             raise ValueError(f"max_side must be at least 16 px, not {self.max_side}")
+
+    def fixed(self, name: str) -> bool:
+        """Whether the fix `name` of this stage is on."""
+        return self.fixes is None or name in self.fixes
 
     @property
     def points(self) -> int:
@@ -128,7 +138,8 @@ def track_clips(
     frames = [c.frames for c in clips]
     clusters: list[np.ndarray | None] = [None] * len(clips)
     if config.semantic is not None:
-        queries, clusters = semantic_queries(frames, config.semantic, backbone)
+        queries, clusters = semantic_queries(frames, config.semantic, backbone,
+                                             not config.fixed("query-frame"))  # fmt: skip
     else:
         strategy = Q.QueryStrategy.parse(config.queries)
         queries = [Q.make_queries(strategy, config.grid, *f.shape[:3]) for f in frames]
@@ -149,10 +160,14 @@ def track_clips(
 
 
 def semantic_queries(
-    clips: list[np.ndarray], config: S.SemanticConfig, backbone: Backbone | None
+    clips: list[np.ndarray],
+    config: S.SemanticConfig,
+    backbone: Backbone | None,
+    release_query_frame: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per clip (T, H, W, 3): semantic queries (N, 3) = (t, x, y) in its pixels and their cluster
-    ids (N,); the clustering frames of all clips go through `backbone` in one forward."""
+    ids (N,); the clustering frames of all clips go through `backbone` in one forward.
+    release_query_frame: the release's query frames (`semantic.semantic_queries`)."""
     if backbone is None:
         raise ValueError("semantic queries need a clustering backbone")
     chosen = [S.clustering_frames(len(c), config.frames) for c in clips]
@@ -161,7 +176,8 @@ def semantic_queries(
     for clip, frame_ids, grids in zip(
         clips, chosen, features.split([len(f) for f in chosen]), strict=True
     ):
-        q, c, _ = S.select_queries(grids, frame_ids, *clip.shape[1:3], config)
+        q, c, _ = S.select_queries(grids, frame_ids, *clip.shape[1:3], config,
+                                   release_query_frame)  # fmt: skip
         queries.append(q)
         clusters.append(c)
     return queries, clusters
@@ -187,7 +203,9 @@ def tracks_row(
         & (tracks[..., 1] >= 0)
         & (tracks[..., 1] <= H - 1)
     )
-    visible = np.asarray(visible, bool) & inside
+    visible = np.asarray(visible, bool)
+    if config.fixed("frame-visibility"):
+        visible &= inside
     if cluster is None:
         visible = Q.hide_before_query(visible, query_frame)
         keep = np.flatnonzero(Q.filter_redundant(tracks, visible, query_frame, config.min_distance))
