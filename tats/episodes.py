@@ -395,6 +395,20 @@ def warn_augmented_pixels(data: EpisodeData, options: ReadOptions) -> bool:
     return True
 
 
+def point_mask(
+    mode: str, frames: np.ndarray, query_frame: np.ndarray, visible: np.ndarray, real: np.ndarray
+) -> np.ndarray:
+    """Which (stored frame, point) pairs attention sees, [S, P] bool (`ReadOptions.mask`):
+    "query": from each point's query frame on (stored `frames` [S] and `query_frame` [P] on
+    the time base); "visible": where `visible` [S, P]; "all": every frame. Never a padding
+    point (`real` [P] False)."""
+    if mode == "visible":
+        return visible & real
+    if mode == "all":
+        return np.broadcast_to(real, visible.shape).copy()
+    return (frames[:, None] >= query_frame[None]) & real
+
+
 class ClipReader:
     """One clip's model inputs, read from the two stores as `options` say.
 
@@ -461,12 +475,7 @@ class ClipReader:
         real = subset >= 0
         index = np.where(real, subset, 0)
         visible = t["visible"][:, index] & real
-        if opt.mask == "visible":
-            mask = visible
-        elif opt.mask == "all":
-            mask = np.broadcast_to(real, visible.shape).copy()
-        else:
-            mask = (self.frames[row][:, None] >= t["query_frame"][index][None]) & real
+        mask = point_mask(opt.mask, self.frames[row], t["query_frame"][index], visible, real)
         positions = self._normalised(t["positions"][:, index], row)
         return np.where(real[None, :, None], positions, 0).astype(np.float32), mask, visible
 

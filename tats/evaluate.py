@@ -40,8 +40,8 @@ from tats.fewshot import (
     hausdorff_scores,
     prototype_frames,
 )
-from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
 from tats.fixes import FIX_NAMES
+from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
 from tats.runtime import Runtime, amp_modes, inference_amp
 from tats.stores import StoreError
 
@@ -82,11 +82,11 @@ def evaluation_options(config: dict) -> ReadOptions:
     run's point subsets, tracks mode and mask. Cluster sampling reads the stored subset, drawn
     once per video; without the fix "eval-subset" (tats/fixes.py) it draws anew at every read
     (seeded per episode), as Trokens' release tests."""
-    fresh_clusters = config.get("cluster_sampling", False) and "eval-subset" not in config.get(
-        "fixes", FIX_NAMES
-    )
+    fixes = config.get("fixes", FIX_NAMES)
+    fresh_clusters = config.get("cluster_sampling", False) and "eval-subset" not in fixes
     return ReadOptions(False, config["fresh_subset"], config["tracks_mode"], config["mask"],
-                       cluster_sampling=fresh_clusters, fill=config.get("fill", "repeat"))  # fmt: skip
+                       cluster_sampling=fresh_clusters,
+                       fill=config.get("fill", "repeat"))  # fmt: skip
 
 
 def embed(model: TATsModel, batch: dict[str, Tensor]) -> Tensor:

@@ -108,6 +108,11 @@ NOT_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("DINOv2 runs on every clip at every step; CoTracker runs 7 times per video, one clip per "
      "call", "features and tracks extracted once, resumable; CoTracker in one pass over all "
      "query frames, batched", "the same computation, done once"),
+    ("the CLS head has `MODEL.NUM_CLASSES` outputs: HMDB-51 51, UCF-101 101, FineGym 99 "
+     "(Trokens' configs), more than the training classes",
+     "one output per training class",
+     "not yet a switch: the outputs no clip is labelled with take a share of the label "
+     "smoothing and of the softmax"),
     ("Trokens: the k-means clustering alternative draws its initial centres from the global "
      "random state, seeded once per run, so a video's clusters depend on the videos extracted "
      "before it", "seeded per clip: a video's queries depend on the video only",

@@ -99,7 +99,7 @@ class Recipe:
         """TracksConfig keyword arguments (the time base included; `semantic` a SemanticConfig)."""
         from tats.pipeline.semantic import SemanticConfig
 
-        options = {**self.time, **self.tracks}
+        options = {**self._time(), **self.tracks}
         if "native_suffixes" in options:
             options["native_suffixes"] = tuple(options["native_suffixes"])
         if isinstance(options.get("semantic"), dict):
@@ -108,10 +108,17 @@ class Recipe:
 
     def features_options(self) -> dict:
         """FeaturesConfig keyword arguments (the time base included)."""
-        options = {**self.time, **self.features}
+        options = {**self._time(), **self.features}
         if "native_suffixes" in options:
             options["native_suffixes"] = tuple(options["native_suffixes"])
         return options
+
+    def _time(self) -> dict:
+        """[time], with fps 0 (every native frame) as the stages' None."""
+        time = dict(self.time)
+        if time.get("fps") == 0:
+            time["fps"] = None
+        return time
 
     def train_options(self) -> dict:
         """tats-train options: the method preset's name and the [train] table."""
@@ -170,10 +177,11 @@ def load_recipe(name: str | Path) -> Recipe:
                 raise ValueError(f"{path}: [{stage}] {key}: set it in [time] (both stages)")
     bad_release = sorted(set(tables["release"]) - set(RELEASE_KEYS))
     if bad_release:
-        raise ValueError(f"{path}: [release] {bad_release[0]!r}: expected {', '.join(RELEASE_KEYS)}")
+        expected = ", ".join(RELEASE_KEYS)
+        raise ValueError(f"{path}: [release] {bad_release[0]!r}: expected {expected}")
     for key in ("fixes", "protocol"):
         if key in tables["train"]:
-            raise ValueError(f"{path}: [train] {key}: a recipe runs the release (--fixes, --protocol)")
+            raise ValueError(f"{path}: [train] {key}: set by --fixes and --protocol, not a recipe")
     paper_tracker = tables["paper_tracker"]
     if paper_tracker and (
         set(paper_tracker) - {"tracker", "options"}

@@ -112,16 +112,21 @@ def write_report(
         "",
         f"{len(manifest.rows)} videos of `{manifest.path}`: "
         + ", ".join(f"{len(manifest.classes(s))} {s}" for s in ("train", "val", "test"))
-        + " classes. Models are selected on val and tested on the test classes, which "
-        "they never saw.",
+        + " classes; the test classes are never trained on.",
         "",
+    ]
+    lines += _how_run(run_dir, models)
+    lines += [
         "## Test accuracy",
         "",
         f"{way}-way {shot}-shot episodes, mean +- 95% confidence interval over the episodes "
-        f"(1.96 std / sqrt(episodes)); chance is {100 / way:.1f}%.",
+        f"(1.96 std / sqrt(episodes)); chance is {100 / way:.1f}%. The checkpoint the "
+        "protocol tests comes first; the other one (best or last epoch) where it is of another "
+        "epoch.",
         "",
-        "| model | folder | test accuracy | episodes | best epoch (val accuracy) |",
-        "|---|---|---|---|---|",
+        "| model | folder | test accuracy (checkpoint) | episodes | best epoch (val accuracy) "
+        "| the other checkpoint |",
+        "|---|---|---|---|---|---|",
     ]
     best = max(m.test["accuracy"] for m in models)
     for model in models:
@@ -130,9 +135,14 @@ def write_report(
         val_text = "" if val is None else f" ({val:.1f}%)"
         accuracy = f"{t['accuracy']:.1f} +- {t['ci95']:.1f}%"
         accuracy = f"**{accuracy}**" if t["accuracy"] == best else accuracy
+        other = m.get("other_test")
+        other_text = "the same epoch" if other is None else (
+            f"{other['accuracy']:.1f} +- {other['ci95']:.1f}% ({other['checkpoint']})"
+        )  # fmt: skip
         lines.append(
-            f"| {model.name} | `{model.folder.name}/` | {accuracy} | {t['episodes']} "
-            f"{t['way']}-way {t['shot']}-shot | {m['best_epoch']}{val_text} |"
+            f"| {model.name} | `{model.folder.name}/` | {accuracy} ({t.get('checkpoint', 'best')}) "
+            f"| {t['episodes']} {t['way']}-way {t['shot']}-shot | {m['best_epoch']}{val_text} "
+            f"| {other_text} |"
         )
     lines.append("")
     lines += _comparison(models)
@@ -171,6 +181,34 @@ def write_report(
     tmp.write_text("\n".join(lines).rstrip() + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _how_run(run_dir: Path, models: list[TrainedModel]) -> list[str]:
+    """Each model's protocol and fixes of the releases, and the options given on the command
+    line (run.json)."""
+    from tats.fixes import FIX_NAMES, describe_fixes
+
+    lines = ["## How it was run", ""]
+    record_path = run_dir / "run.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("recipe"):
+        lines += [f"Recipe `{record['recipe']}`.", ""]
+    lines += ["| model | protocol | fixes of the releases on | off |", "|---|---|---|---|"]
+    for model in models:
+        protocol = model.config.get("protocol", "clean")
+        what = ("validated on the test split every 5 epochs, the last epoch tested"
+                if protocol == "release" else "selected on val, the best epoch tested")  # fmt: skip
+        on = model.config.get("fixes", list(FIX_NAMES))
+        off = [f for f in FIX_NAMES if f not in on]
+        lines.append(
+            f"| {model.name} | {protocol}: {what} | {describe_fixes(on)} | "
+            f"{describe_fixes(off) if off else 'none'} |"
+        )
+    given = record.get("command_line")
+    if given:
+        shown = ", ".join(f"`{k}={v}`" for k, v in given.items())
+        lines += ["", f"Given on the command line (the latest `tats run`): {shown}."]
+    return lines + [""]
 
 
 def _comparison(models: list[TrainedModel]) -> list[str]:

@@ -86,7 +86,9 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return stepped(epoch)
 
 
-def param_groups(model: TATsModel, weight_decay: float, fixes: tuple[str, ...]) -> list[dict]:
+def param_groups(
+    model: TATsModel, weight_decay: float, fixes: tuple[str, ...] = FIX_NAMES
+) -> list[dict]:
     """AdamW groups: weight decay on all but the model's `no_weight_decay(fixes)` parameters."""
     exempt = model.no_weight_decay(fixes)
     decay, no_decay = [], []
@@ -96,6 +98,12 @@ def param_groups(model: TATsModel, weight_decay: float, fixes: tuple[str, ...]) 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def draw_rank(fixes: tuple[str, ...], rank: int) -> int:
+    """The rank a process's training episodes are drawn for: its own with the fix
+    "rank-episodes", else 0 on every rank, as the releases' samplers (one seed for all)."""
+    return rank if "rank-episodes" in fixes else 0
 
 
 def seed_torch(seed: int, rank: int, epoch: int) -> None:
@@ -218,8 +226,8 @@ def train(config: TrainConfig) -> RunResult:
         train_classes = data.classes("train", train_spec.per_class, cfg.way)
         options = ReadOptions(cfg.augment, cfg.fresh_subset, cfg.tracks_mode, cfg.mask,
                               cfg.cluster_sampling, cfg.fill)  # fmt: skip
-        draw_rank = rt.rank if "rank-episodes" in cfg.fixes else 0  # the releases: all alike
-        train_set = data.dataset("train", train_spec, options, cfg.seed, draw_rank, train_classes)
+        train_set = data.dataset("train", train_spec, options, cfg.seed,
+                                 draw_rank(cfg.fixes, rt.rank), train_classes)  # fmt: skip
         warn_padding(data, train_classes, options)
         warn_augmented_pixels(data, options)
         test_classes = None

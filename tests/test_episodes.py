@@ -38,7 +38,7 @@ def test_spec_rejects_bad_values():
     with pytest.raises(ValueError, match="tracks mode"):
         ReadOptions(tracks_mode="grid")
     with pytest.raises(ValueError, match="mask"):
-        ReadOptions(mask="all")
+        ReadOptions(mask="every")
 
 
 def test_store_facts(data):

@@ -48,7 +48,8 @@ def paper_rows(name: str, paper, dataset: str) -> dict:
             "paper.shot_1": (paper[0], "the paper's 5-way 1-shot accuracy"),
             "paper.shot_5": (paper[1], "the paper's 5-way 5-shot accuracy"),
         }
-    missing = f"the paper reports {dataset}; tats has no figure for it yet (no summary at hand quoted it)"
+    missing = (f"the paper reports {dataset}; tats has no figure for it yet (no summary at hand "
+               "quoted it)")  # fmt: skip
     return {"paper.where": (name, "the paper"), "paper.missing": (missing, "no figure at hand")}
 
 
@@ -59,7 +60,7 @@ def tats(yaml, *, frames, episodes, split, paper=None, derived=False, trokens_ya
     y = f"{K} {trokens_yaml}" if trokens_yaml else f"{T} {yaml}"
     m = f"{K} trokens/config/defaults.py" if trokens_yaml else y
     source = (K, TROKENS_COMMIT, trokens_yaml) if trokens_yaml else (T, TATS_COMMIT, yaml)
-    derived_from = f"{K} {trokens_yaml}" if trokens_yaml else (yaml if derived else "")
+    derived_from = trokens_yaml if trokens_yaml else (yaml if derived else "")
     rows = {
         "method": ("tats", f"{T} README.md: Pointformer, {yaml} POINT_INFO.USE_PT_QUERY_MASK"),
         "dataset": (split[4], "the paper's dataset name"),

@@ -52,6 +52,12 @@ def run(
         None, help="Points in the fixed per-video subset training reads [256]."
     ),
     frames: int | None = typer.Option(None, help="Stored frames S of both stages [8]."),
+    fps: float | None = typer.Option(
+        None,
+        help="Time base of both stages in frames per second; 0: every native frame "
+        "[default: 10, or the recipe's].",
+        show_default=False,
+    ),
     backbone: str | None = typer.Option(
         None, help="Feature backbone: dinov2_vitb14 [default], dinov2_*, pixels."
     ),
@@ -92,11 +98,12 @@ def run(
     def given(**values) -> dict:
         return {k: v for k, v in values.items() if v is not None}
 
+    time = {} if fps is None else {"fps": fps or None}  # 0: every native frame
     with graceful_termination(), input_errors():
         config = resolve_run(
             manifest, out, recipe=recipe, train_file=train_config, method=method,
-            tracks=given(tracker=tracker, queries=queries, grid=grid, subset=subset),
-            features=given(backbone=backbone, views=views),
+            tracks=given(tracker=tracker, queries=queries, grid=grid, subset=subset, **time),
+            features=given(backbone=backbone, views=views, **time),
             train=given(epochs=epochs, episodes=episodes, shot=shot, val_episodes=val_episodes,
                         test_episodes=test_episodes, tracks_mode=tracks_mode),
             frames=frames, paper_tracker=paper_tracker,
@@ -129,10 +136,23 @@ def recipes() -> None:
     with input_errors():
         found = list_recipes()
     width = max(len(r.name) for r in found)
-    typer.echo(f"{'recipe':<{width}}  1-shot  5-shot  source")
+    typer.echo(f"{'recipe':<{width}}  1-shot   5-shot   source")
+    papers: dict[str, str] = {}
+    notes: dict[str, list[str]] = {}
     for r in found:
         shots = [r.paper.accuracy(s) for s in (1, 5)]
-        accuracy = "  ".join(f"{a:6.1f}" if a is not None else f"{'-':>6}" for a in shots)
+        accuracy = "  ".join(f"{a:7.1f}" if a is not None else f"{'missing':>7}" for a in shots)
         derived = " (derived: no release config for it)" if r.source.get("derived") else ""
         typer.echo(f"{r.name:<{width}}  {accuracy}  {r.release_file}{derived}")
-    typer.echo("accuracy: 5-way, as the papers report it ('-': not stated in the release)")
+        if None not in shots or r.paper.where not in papers:
+            papers[r.paper.where.split(" (quoted")[0]] = r.paper.where
+        for note in r.notes:
+            notes.setdefault(note, []).append(r.name)
+    typer.echo("\naccuracy: 5-way, %, as the papers report it (the releases state none):")
+    for where in papers.values():
+        typer.echo(f"  {where}")
+    typer.echo("  missing: the paper reports the dataset, tats has no figure for it yet")
+    typer.echo("\na recipe runs the release protocol with every fix off (what the authors ran); "
+               "--fixes all --protocol clean: tats' defaults")
+    for note, names in notes.items():
+        typer.echo(f"\n{', '.join(names)}: {note}")

@@ -309,6 +309,7 @@ def select_queries(
     in pixels of `height` x `width` frames, cluster id per query [N], patch labels [F, h, w]);
     `release_query_frame`: as `semantic_queries`."""
     labels = cluster_patches(features, config)
-    queries, clusters = semantic_queries(labels, frame_ids, height, width,
-                                         config.points_per_cluster, release_query_frame)  # fmt: skip
+    queries, clusters = semantic_queries(
+        labels, frame_ids, height, width, config.points_per_cluster, release_query_frame
+    )
     return queries, clusters, labels

@@ -205,7 +205,7 @@ def tracks_row(
     )
     visible = np.asarray(visible, bool)
     if config.fixed("frame-visibility"):
-        visible &= inside
+        visible = visible & inside
     if cluster is None:
         visible = Q.hide_before_query(visible, query_frame)
         keep = np.flatnonzero(Q.filter_redundant(tracks, visible, query_frame, config.min_distance))
