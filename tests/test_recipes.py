@@ -283,7 +283,7 @@ def test_tats_recipes_lists_source_and_paper_accuracy():
         assert recipe.source["config"] in line
         for shot in (1, 5):
             accuracy = recipe.paper.accuracy(shot)
-            assert (f"{accuracy:.1f}" if accuracy else " - ") in line
+            assert (f"{accuracy:.1f}" if accuracy else "missing") in line
     assert "tats/hmdb" in result.output and "(derived: no release config for it)" in result.output
 
 

@@ -54,8 +54,16 @@ def test_a_recipe_runs_the_chain_and_a_rerun_resumes(project, tmp_path):
     assert (train["episodes"], train["epochs"], train["way"]) == (6, 2, 3)  # the file's
     assert zarr.open_group(run / "tracks.zarr", mode="r")["positions"].shape[1] == 16
     assert zarr.open_group(run / "features.zarr", mode="r")["features"].shape[2] == 16
+    # A recipe runs the release: its protocol (the last epoch tested), no fix; run.json says
+    # so, and which options came from the command line.
+    assert record["protocol"] == "release" and record["fixes"]["on"] == []
+    assert train["seed"] == 0 and train["fixes"] == []  # TATs' RNG_SEED 0
+    given = record["command_line"]
+    assert given["recipe"] == "tats/k100" and given["tracker"] == "lk" and given["views"] == 2
+    assert "fixes" not in given and "epochs" not in given  # a default, and the file's
     metrics = json.loads((run / "train" / "metrics.json").read_text())
     assert metrics["test"]["episodes"] == 20 and len(metrics["history"]) == 2
+    assert metrics["test"]["checkpoint"] == "last"
     assert (run / "train" / "plots" / "confusion.png").is_file()
     weights = (run / "train" / "checkpoints" / "best.pt").read_bytes()
 
@@ -83,6 +91,9 @@ def test_report_works_from_another_directory(project, tmp_path):
     assert result.returncode == 0, result.stderr
     text = (run / "report.md").read_text()
     assert "72 videos of" in text and "![tracks of" in text
+    protocol = "release: validated on the test split every 5 epochs, the last epoch tested"
+    assert f"| {protocol} | none |" in text
+    assert "Given on the command line" in text and "`tracker=lk`" in text
 
 
 def test_report_works_on_a_moved_run_folder(project):

@@ -6,7 +6,6 @@ command's parameter name gives the flag where none is named (`checkpoint` -> `--
 from __future__ import annotations
 
 import typer
-from click.core import ParameterSource
 
 from tats.fixes import FIX_NAMES
 
@@ -102,9 +101,11 @@ PROTOCOL = typer.Option(
 
 
 def command_line(ctx: typer.Context) -> dict:
-    """The options given on the command line, by parameter name, with their values."""
-    return {
-        name: value
-        for name, value in ctx.params.items()
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
-    }
+    """The options given on the command line, by parameter name, with their values (by the
+    source's name: typer ships its own copy of click's ParameterSource)."""
+    given = {}
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":
+            given[name] = value
+    return given
