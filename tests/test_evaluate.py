@@ -50,11 +50,18 @@ def test_embedding_once_predicts_as_episode_by_episode(data, way, shot, queries,
     assert once.scores.shape == each.scores.shape == (40, way * queries, way)
     np.testing.assert_array_equal(once.true, each.true)  # the same episodes
     np.testing.assert_allclose(once.scores, each.scores, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(once.predicted, each.predicted)
+    # Batched and episode by episode are different computations: a prediction may differ only
+    # where two classes score the same within that tolerance (on some CPU's rounding).
+    top = np.take_along_axis(each.scores, once.scores.argmax(axis=2)[..., None], axis=2)[..., 0]
+    differ = once.predicted != each.predicted
+    assert (np.abs(top - each.scores.max(axis=2))[differ] <= 2e-5).all()
+    assert differ.mean() < 0.01
     # Not a degenerate case: the scores tell the classes apart, predictions vary.
     assert (once.scores.std(axis=2) > 1e-3).all()
     assert len(np.unique(once.predicted)) == len(classes.names)
-    assert eval_result(classes, spec, once).to_dict() == eval_result(classes, spec, each).to_dict()
+    a, b = eval_result(classes, spec, once), eval_result(classes, spec, each)
+    assert a.classes == b.classes and a.episodes == b.episodes
+    assert abs(a.accuracy - b.accuracy) <= 100 * differ.mean() + 1e-9
 
 
 def test_episode_dependent_clips_are_embedded_per_episode(data):

@@ -74,7 +74,8 @@ def test_variable_and_constant_rate_clips_are_read_on_the_time_base(tmp_path):
         clip = read_frames(path, native[stored])
         with torch.no_grad():
             expected = backbone(clip[None])[0].to(torch.float16).numpy()
-        np.testing.assert_array_equal(features["features"][row, 0], expected)
+        # alone here, batched with the other clip there: equal up to rounding (float16)
+        np.testing.assert_allclose(features["features"][row, 0], expected, rtol=2e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize(
