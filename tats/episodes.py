@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, Sampler
 from tats.manifest import SPLITS, Manifest, read_manifest
 from tats.pipeline.queries import FILLS, canonical_order, cluster_subset, padded
 from tats.pipeline.status import done_rows
-from tats.stores import FEATURES, TRACKS, RowStore, StoreError
+from tats.stores import FEATURES, TRACKS, RowStore, StoreError, check_manifest
 
 TRACKS_MODES = ("tracks", "frozen")
 PADDING_LIMIT = 0.5  # share of padding points above which training warns (`warn_padding`)
@@ -193,12 +193,7 @@ class EpisodeData:
         track_store = RowStore.open(tracks, TRACKS)
         feature_store = RowStore.open(features, FEATURES)
         for store in (track_store, feature_store):
-            made_for = store.provenance.get("manifest_sha256")
-            if made_for != manifest.sha256:
-                raise StoreError(
-                    f"{store.path} was made for another manifest (sha256 {str(made_for)[:12]}..., "
-                    f"{manifest.path} has {manifest.sha256[:12]}...)"
-                )
+            check_manifest(store, manifest)
             if store.num_rows != len(manifest.rows):
                 raise StoreError(
                     f"{store.path} has {store.num_rows} rows, {manifest.path} lists "

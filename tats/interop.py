@@ -42,6 +42,8 @@ import re
 import shutil
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +58,15 @@ from tats.pipeline.trackers import TrackerIdentity
 from tats.pipeline.tracks import TracksConfig, open_tracks_store, tracks_row
 from tats.stores import (
     FEATURES,
+    MANIFEST_SHA,
     READABLE_VERSIONS,
     TRACKS,
     Field,
     RowStore,
     StoreError,
+    check_manifest,
     current_layout,
+    keep_manifest,
     row_digest,
 )
 from tats.video import probe, timeline
@@ -351,8 +356,7 @@ def import_pickles(
 
 def _open_for_export(store_path: str | Path, manifest: Manifest) -> RowStore:
     store = RowStore.open(store_path)
-    if store.provenance.get("manifest_sha256") != manifest.sha256:
-        raise StoreError(f"{store.path} was made for another manifest than {manifest.path}")
+    check_manifest(store, manifest)
     clash = set(store.fields) & set(H5_EXTRAS)
     if clash:
         raise StoreError(f"{store.path}: an array is named {', '.join(sorted(clash))}")
@@ -437,8 +441,9 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
     except OSError as error:
         raise StoreError(f"{path}: not an HDF5 file ({error})") from None
     with h5:
-        attrs, fields = _h5_attributes(h5, path)
-        records, done = _h5_ledger(h5, path, attrs)
+        with _h5_damage(path):
+            attrs, fields = _h5_attributes(h5, path)
+            records, done = _h5_ledger(h5, path, attrs)
         tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:12]}"
         try:
             # An export of an earlier version makes a store of this one: the same values.
@@ -451,7 +456,8 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
             )
             by_unit = {r.unit: r for r in records}
             for unit, shard in enumerate(store.shards()):
-                data = {name: h5[name][shard.start : shard.stop] for name in fields}
+                with _h5_damage(path):
+                    data = {name: h5[name][shard.start : shard.stop] for name in fields}
                 for row, digest in by_unit[unit].done.items() if unit in by_unit else ():
                     if row_digest(data, row - shard.start) != digest:
                         raise StoreError(f"{path}: row {row} differs from its ledger record")
@@ -469,12 +475,28 @@ def import_h5(path: str | Path, out: str | Path, manifest_out: str | Path | None
             ledger = Ledger(store.ledger_dir)
             for record in records:
                 ledger.write(record)
+            with _h5_damage(path):
+                text = h5["manifest/csv"].asstr()[()]
+            keep_manifest(tmp, text.encode(), attrs["provenance"].get(MANIFEST_SHA))
             if manifest_out is not None:
-                Path(manifest_out).write_text(h5["manifest/csv"].asstr()[()])
+                Path(manifest_out).write_text(text)
             os.rename(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextmanager
+def _h5_damage(path: Path) -> Iterator[None]:
+    """HDF5's errors reading the export `path` (a valid header over damaged insides: B-trees,
+    heaps, compressed chunks) as one StoreError naming it: a rerun cannot mend the file."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError) as error:
+        raise StoreError(
+            f"{path}: the HDF5 file is damaged ({' '.join(str(error).split())}); export the "
+            f"store again"
+        ) from None
 
 
 def _h5_attributes(h5, path: Path) -> tuple[dict, dict[str, Field]]:

@@ -17,18 +17,23 @@ are read and resumed as they are.
 
 A store is created once for a (manifest, stage config) pair, with fixed shapes, and the pair
 is recorded in its attributes; opening it for writing with anything else is an error that
-names the difference.
+names the difference. The store keeps a copy of its manifest file (`manifest.csv`), so that a
+manifest changed since is refused naming its first changed row, not by hashes alone.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,8 @@ if _zarr_version() < ZARR_ATOMIC_WRITES:
     )
 TRACKS = "tats.tracks"
 FEATURES = "tats.features"
+NUM_FRAMES = "num_frames"  # > 0 marks a row that holds data: written last (`write_rows`)
+MANIFEST_COPY = "manifest.csv"  # the manifest file a store was made for, byte for byte
 
 
 class StoreError(ValueError):
@@ -161,7 +168,8 @@ class RowStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a tats store (no zarr.json)")
-        group = zarr.open_group(str(path), mode="r+" if writable else "r")
+        with _metadata(path / "zarr.json"):
+            group = zarr.open_group(str(path), mode="r+" if writable else "r")
         found = group.attrs.get("schema")
         if found not in (TRACKS, FEATURES):
             raise StoreError(f"{path}: not a tats store (schema {found!r})")
@@ -172,7 +180,14 @@ class RowStore:
                 f"{path}: schema version {group.attrs.get('schema_version')}, "
                 f"this tats reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
-        return cls(path, group)
+        with _metadata(path / "zarr.json"):
+            store = cls(path, group)
+        # The arrays open from the group's consolidated metadata; their own zarr.json files
+        # are what any other Zarr reader opens: a damaged one is named here, not left to it.
+        for name in store.fields:
+            with _metadata(path / name / "zarr.json"):
+                json.loads((path / name / "zarr.json").read_text())
+        return store
 
     @classmethod
     def create_or_open(
@@ -183,8 +198,10 @@ class RowStore:
         num_rows: int,
         shard_size: int,
         provenance: dict,
+        manifest: Path | None = None,
     ) -> RowStore:
-        """Open the store at `path` if it was made for `provenance`, else create it.
+        """Open the store at `path` if it was made for `provenance`, else create it (with a
+        copy of the `manifest` file, whose SHA-256 `provenance` holds).
 
         `provenance` (manifest digest, stage config, tracker or backbone identity) must equal
         the one recorded in an existing store. Creation is race-free: the store is built in a
@@ -193,9 +210,15 @@ class RowStore:
         """
         path = Path(path)
         if not path.exists():
-            cls._create(path, schema, fields, num_rows, shard_size, provenance)
+            cls._create(path, schema, fields, num_rows, shard_size, provenance, manifest)
         store = cls.open(path, schema, writable=True)
         problems = _differences(store.attrs["provenance"], _jsonable(provenance))
+        if manifest is not None and store.provenance.get(MANIFEST_SHA) != provenance.get(
+            MANIFEST_SHA
+        ):
+            problems = [p for p in problems if not p.startswith(f"{MANIFEST_SHA}:")]
+            change = manifest_change(store, manifest, provenance[MANIFEST_SHA])
+            problems.insert(0, f"another manifest than {manifest}: {change}")
         if problems:
             raise StoreError(
                 f"{path} was made for another input; "
@@ -205,7 +228,7 @@ class RowStore:
         return store
 
     @staticmethod
-    def _create(path, schema, fields, num_rows, shard_size, provenance) -> None:
+    def _create(path, schema, fields, num_rows, shard_size, provenance, manifest) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
         group = zarr.open_group(str(tmp), mode="w-")
@@ -236,6 +259,8 @@ class RowStore:
             warnings.simplefilter("ignore", ZarrUserWarning)
             zarr.consolidate_metadata(str(tmp))
         (tmp / "ledger").mkdir()
+        if manifest is not None:
+            keep_manifest(tmp, Path(manifest).read_bytes(), provenance.get(MANIFEST_SHA))
         try:
             os.rename(tmp, path)
         except OSError:
@@ -295,13 +320,26 @@ class RowStore:
         }
 
     def write_rows(self, rows: range, data: dict[str, np.ndarray]) -> None:
-        """Write whole shards: `rows` must start on a shard boundary and cover whole shards."""
+        """Write whole shards: `rows` must start on a shard boundary and cover whole shards.
+
+        `num_frames` goes last, so that a reader of the store mid-write never sees a row's
+        num_frames set before its other arrays ("num_frames 0: not written" holds); a row it
+        clears (a retry's row that a killed attempt had written) is cleared there first."""
         if rows.start % self.shard_size or (
             rows.stop != self.num_rows and rows.stop % self.shard_size
         ):
             raise ValueError(f"rows {rows.start}..{rows.stop} do not cover whole shards")
+        last = self._arrays.get(NUM_FRAMES)
+        if last is not None:
+            now = last[rows.start : rows.stop]
+            cleared = (now > 0) & (data[NUM_FRAMES] <= 0)
+            if cleared.any():
+                last[rows.start : rows.stop] = np.where(cleared, data[NUM_FRAMES], now)
         for name, arr in self._arrays.items():
-            arr[rows.start : rows.stop] = data[name]
+            if arr is not last:
+                arr[rows.start : rows.stop] = data[name]
+        if last is not None:
+            last[rows.start : rows.stop] = data[NUM_FRAMES]
 
     def sync_rows(self, rows: range) -> None:
         """fsync the shard files of `rows` (whole shards) and their folders, so that they are
@@ -323,26 +361,103 @@ class RowStore:
 
     def remove_debris(self, older_than: float) -> list[Path]:
         """Delete what killed writers left behind (Zarr's `*.partial` files, temporary ledger
-        records and lease files, half-made stores beside this one) once it is `older_than`
-        seconds old, so that no live writer's file is touched. Returns what was removed."""
-        now, removed = time.time(), []
+        records, half-made stores beside this one; the leases' own debris is
+        `UnitLeases.sweep`'s) once it is `older_than` seconds old, so that no live writer's
+        file is touched. Returns what was removed."""
         candidates = [p for name in self.fields for p in _partials(self.path / name)]
         candidates += list(self.ledger_dir.glob(".unit-*.tmp"))
-        asides = (".new", ".taken", ".released")  # lease files of a claim, takeover or release
-        candidates += [p for p in self.lease_dir.glob(".unit-*") if p.suffix in asides]
         candidates += list(self.path.parent.glob(f".{self.path.name}.creating-*"))
-        for path in candidates:
-            try:
-                if now - path.lstat().st_mtime < older_than:
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed.append(path)
-            except FileNotFoundError:
-                pass  # removed by another worker meanwhile
-        return removed
+        return remove_old(candidates, older_than)
+
+
+@contextmanager
+def _metadata(path: Path) -> Iterator[None]:
+    """Errors reading a store's metadata as one StoreError naming the file `path`."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError) as error:
+        if isinstance(error, StoreError):
+            raise
+        problem = error.msg if isinstance(error, json.JSONDecodeError) else repr(error)
+        raise StoreError(
+            f"{path}: damaged store metadata ({problem}); it is written once, when the store "
+            f"is made: restore it from a copy of the store, or extract into a new --out"
+        ) from None
+
+
+MANIFEST_SHA = "manifest_sha256"  # the provenance key of the manifest file's SHA-256
+
+
+def keep_manifest(store_dir: Path, data: bytes, sha256: str | None) -> None:
+    """Keep `data`, the manifest file a store in `store_dir` is made for, in the store; not if
+    its SHA-256 is not `sha256` (the file changed since it was read)."""
+    if hashlib.sha256(data).hexdigest() == sha256:
+        (Path(store_dir) / MANIFEST_COPY).write_bytes(data)
+
+
+def manifest_change(store: RowStore, manifest: Path, sha256: str) -> str:
+    """How the manifest file `manifest` (of SHA-256 `sha256`) differs from the one `store` was
+    made for: its first row that differs, column by column, from the store's copy."""
+    made_for = str(store.provenance.get(MANIFEST_SHA))
+    try:
+        kept = (store.path / MANIFEST_COPY).read_bytes()
+    except FileNotFoundError:
+        kept = None
+    if kept is None or hashlib.sha256(kept).hexdigest() != made_for:
+        return (
+            f"SHA-256 {sha256[:12]}..., the store's {made_for[:12]}... (the store keeps no copy "
+            f"of its manifest to name the rows that differ: made by an older tats)"
+        )
+    ours, theirs = _csv_rows(Path(manifest).read_bytes()), _csv_rows(kept)
+    for row, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+        if a != b:
+            changes = "; ".join(
+                f"{name} {a.get(name)!r} here, {b.get(name)!r} in the store's"
+                for name in dict.fromkeys([*a, *b]) if a.get(name) != b.get(name)
+            )  # fmt: skip
+            return f"row {row} ({b.get('video_id', a.get('video_id'))}) differs: {changes}"
+    if len(ours) != len(theirs):
+        return f"{len(ours)} rows, the store's manifest has {len(theirs)}"
+    return "the same rows in other bytes (quoting, spaces, line ends or column order differ)"
+
+
+def check_manifest(store: RowStore, manifest) -> None:
+    """StoreError naming the first changed row unless `store` was made for `manifest` (a
+    `tats.manifest.Manifest`)."""
+    if store.provenance.get(MANIFEST_SHA) != manifest.sha256:
+        change = manifest_change(store, manifest.path, manifest.sha256)
+        raise StoreError(f"{store.path} was made for another manifest than {manifest.path}: "
+                         f"{change}")  # fmt: skip
+
+
+def _csv_rows(data: bytes) -> list[dict[str, str]]:
+    """A manifest's records, as `tats.manifest` reads them: the header's columns, values
+    stripped, empty records skipped."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8-sig", errors="replace"), newline=""))
+    header = [name.strip() for name in next(reader, [])]
+    return [
+        dict(zip(header, (value.strip() for value in record), strict=False))
+        for record in reader
+        if "".join(record).strip()
+    ]
+
+
+def remove_old(paths: list[Path], older_than: float) -> list[Path]:
+    """Delete those of `paths` (files or folders) last changed `older_than` seconds ago or
+    before; returns them."""
+    now, removed = time.time(), []
+    for path in paths:
+        try:
+            if now - path.lstat().st_mtime < older_than:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass  # removed by another worker meanwhile
+    return removed
 
 
 def _partials(array_dir: Path) -> list[Path]:

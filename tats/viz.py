@@ -106,13 +106,12 @@ def open_stored_row(store_path: str | Path, schema: str, manifest, video_id: str
     was made for `manifest` (a path or a Manifest), and has the row done."""
     from tats.manifest import Manifest, read_manifest
     from tats.pipeline.status import done_rows
-    from tats.stores import RowStore, StoreError
+    from tats.stores import RowStore, StoreError, check_manifest
 
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     store = RowStore.open(store_path, schema)
-    if store.provenance.get("manifest_sha256") != manifest.sha256:
-        raise StoreError(f"{store.path} was made for another manifest than {manifest.path}")
+    check_manifest(store, manifest)
     video = manifest.rows.find(video_id)
     if video is None:
         raise ValueError(f"{manifest.path}: no video {video_id!r}")

@@ -26,9 +26,10 @@ app = typer.Typer(
     help="Stage one: extract point tracks (tracks) and patch features (features) of every "
     "video in a dataset manifest into resumable, sharded Zarr stores. Rerun the same command "
     "to resume; `status` and `verify` inspect a store. Exit codes: 0 all done, 1 some videos "
-    "failed (listed; a rerun retries them), 2 bad input, 3 the machine or cluster failed (a "
-    "full disk, a permission, lost workers; a rerun resumes), 4 an error in tats itself (its "
-    "traceback is printed).",
+    "failed (listed; a rerun retries them, once per run, --max-attempts tries in all), 2 bad "
+    "input or a damaged file of the store (named, with what to do), 3 the machine or cluster "
+    "failed (a full disk, a permission, lost workers; a rerun resumes), 4 an error in tats "
+    "itself (its traceback is printed).",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -145,6 +146,7 @@ def tracks(
     scheduler: str | None = opt.SCHEDULER,
     video_timeout: float = opt.VIDEO_TIMEOUT,
     lease_timeout: float = opt.LEASE_TIMEOUT,
+    max_attempts: int = opt.MAX_ATTEMPTS,
     progress: bool = opt.PROGRESS,
 ) -> None:
     """Track query points through every video into OUT: a grid at every query frame, or
@@ -199,6 +201,7 @@ def tracks(
             scheduler=scheduler,
             video_timeout=video_timeout or None,
             lease_timeout=lease_timeout,
+            max_attempts=max_attempts,
             progress=progress,
         )
     _finish(summary, "tracks")
@@ -241,6 +244,7 @@ def features(
     scheduler: str | None = opt.SCHEDULER,
     video_timeout: float = opt.VIDEO_TIMEOUT,
     lease_timeout: float = opt.LEASE_TIMEOUT,
+    max_attempts: int = opt.MAX_ATTEMPTS,
     progress: bool = opt.PROGRESS,
 ) -> None:
     """Encode the stored frames of every video (and its augmented views) into OUT."""
@@ -276,18 +280,24 @@ def features(
             scheduler=scheduler,
             video_timeout=video_timeout or None,
             lease_timeout=lease_timeout,
+            max_attempts=max_attempts,
             progress=progress,
         )
     _finish(summary, "features")
 
 
 @app.command()
-def status(store: Path = typer.Argument(..., help="A tracks or features store.")) -> None:
-    """Print done / failed / pending units and videos of a store, with the errors."""
+def status(
+    store: Path = typer.Argument(..., help="A tracks or features store."),
+    lease_timeout: float = opt.LEASE_TIMEOUT,
+) -> None:
+    """Print done / failed / pending units and videos of a store, with the errors, the units
+    in progress, and leases whose holders are dead (no heartbeat for --lease-timeout s, or a
+    process on this host that is gone)."""
     from tats.pipeline.status import store_status
 
     with input_errors():
-        s = store_status(store)
+        s = store_status(store, lease_timeout)
     typer.echo(f"{s.path} ({s.schema}, {s.rows} videos in {s.units} units)")
     typer.echo(
         f"units:  {s.units_done} done, {s.units_failed} with failures, {s.units_pending} pending"
@@ -300,7 +310,7 @@ def status(store: Path = typer.Argument(..., help="A tracks or features store.")
     for lease in s.in_progress:
         typer.echo(f"  in progress: {lease}")
     for lease in s.abandoned:
-        typer.echo(f"  dead holder (the next run takes it over): {lease}")
+        typer.echo(f"  dead holder: {lease}")
 
 
 @app.command()
@@ -314,8 +324,11 @@ def verify(
 ) -> None:
     """Check every row the ledger calls done (sound data, as written), that no other row holds
     data, and that nothing is pending or failed. Exit 0 sound and complete, 1 incomplete
-    (pending units or failed videos), 3 data that differs from the ledger."""
-    from tats.pipeline.status import store_status, verify_store
+    (pending units or failed videos), 3 data that differs from the ledger: rows that hold
+    data no record calls done (a write interrupted by a kill or a full disk: rerun the
+    extraction, it rewrites them), or done rows unlike their record (delete those units'
+    records, then rerun); the last lines say which."""
+    from tats.pipeline.status import store_status, verify_advice, verify_store
 
     with input_errors():
         s = store_status(store)
@@ -324,6 +337,8 @@ def verify(
         typer.echo(problem, err=True)
     if problems:
         typer.echo(f"{store}: {len(problems)} rows differ from the ledger", err=True)
+        for line in verify_advice(store, problems):
+            typer.echo(line, err=True)
         raise typer.Exit(INFRASTRUCTURE)
     missing = []
     if s.units_pending:

@@ -53,6 +53,10 @@ LEASE_TIMEOUT = typer.Option(
     180.0, help="Seconds without a heartbeat after which a unit's lease is taken over by another "
     "worker (a holder's death on the same host is noticed at once)."
 )
+MAX_ATTEMPTS = typer.Option(
+    3, help="Times a failed video is tried over all runs, one try per run (all its tasks "
+    "together), before it is reported and left."
+)
 FRAMES = typer.Option(8, help="Frames stored per video (the frames training uses).")
 FPS = typer.Option(10.0, help="Track time base in frames per second; 0 keeps the native rate.")
 WEBM_NATIVE = typer.Option(

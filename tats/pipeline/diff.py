@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from tats.manifest import Manifest
 from tats.pipeline.status import done_rows
-from tats.stores import FEATURES, TRACKS, RowStore
+from tats.stores import FEATURES, TRACKS, RowStore, check_manifest
 
 MATCH_PX = 0.5  # query points this close (px, at the query frame) are the same point
 _TRACK_FIELDS = (
@@ -194,8 +194,7 @@ def diff_stores(
     check_comparable(store_a, store_b)
     video_ids = None
     if manifest is not None:
-        if manifest.sha256 != store_a.provenance.get("manifest_sha256"):
-            raise StoreMismatch(f"{manifest.path}: not the manifest the stores were made for")
+        check_manifest(store_a, manifest)
         video_ids = manifest.rows.video_ids
     done_a, done_b = set(done_rows(store_a).tolist()), set(done_rows(store_b).tolist())
     both = sorted(done_a & done_b)

@@ -33,9 +33,19 @@ from tqdm import tqdm
 
 from tats.manifest import Manifest
 from tats.pipeline.leases import read_lease, read_progress
-from tats.pipeline.ledger import FINISHED, Ledger
+from tats.pipeline.ledger import FINISHED, Ledger, UnitRecord, current_run
 from tats.pipeline.plan import my_units, resolve_share, unit_order
-from tats.pipeline.runner import Blame, RunOptions, RunSummary, Stage, check_sources, run_stage
+from tats.pipeline.runner import (
+    DEFAULT_MAX_ATTEMPTS,
+    Blame,
+    RunOptions,
+    RunSummary,
+    Stage,
+    check_share,
+    left_failures,
+    run_stage,
+    sweep,
+)
 from tats.stores import RowStore
 
 EXECUTORS = ("local", "dask")
@@ -79,15 +89,18 @@ def extract(
     executor: str = "local",
     scheduler: str | None = None,
     progress: bool = True,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> RunSummary:
     """Run a stage: this process's share first, then whatever units nobody holds.
 
-    Finished units are skipped, failed rows retried. `executor="dask"` sends each unit to the
-    Dask cluster at `scheduler` instead (see `run_on_dask`).
+    Finished units are skipped, failed rows retried (once per run, up to `max_attempts` tries
+    in all). `executor="dask"` sends each unit to the Dask cluster at `scheduler` instead (see
+    `run_on_dask`).
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; use {' or '.join(EXECUTORS)}")
-    options = RunOptions(workers, video_timeout, lease_timeout, progress)
+    options = RunOptions(workers, video_timeout, lease_timeout, progress, max_attempts,
+                         current_run())  # fmt: skip
     out = Path(out).absolute()  # remote workers have other working directories
     index, count = resolve_share(shard_index, num_shards)
     stage = build_stage(recipe)
@@ -97,13 +110,15 @@ def extract(
     order = unit_order(num_units, index, count)
     if executor == "dask":
         with Ledger(store.ledger_dir) as ledger:
-            check_sources(store, manifest, ledger, share, ledger.snapshot(num_units))
-        store.remove_debris(older_than=lease_timeout)
+            states = ledger.snapshot(num_units)
+            left = check_share(store, manifest, ledger, share, states, max_attempts)
+        sweep(store, states, lease_timeout)
         name = f"tats-manifest-{uuid.uuid4().hex[:12]}"
         task = UnitTask(recipe, str(out), replace(options, workers=1, progress=False), name)
         return run_on_dask(
-            task, manifest, store, share, scheduler, progress, desc=f"{recipe.name} units"
-        )
+            task, manifest, store, share, scheduler, progress, desc=f"{recipe.name} units",
+            left=left,
+        )  # fmt: skip
     return run_stage(stage, store, manifest, order, options, recipe.name, share=share)
 
 
@@ -143,9 +158,11 @@ def run_on_dask(
     scheduler: str | None,
     progress: bool = True,
     desc: str = "units",
+    left: Sequence[UnitRecord] = (),
 ) -> RunSummary:
     """Run `task(unit)` for every unit not finished, on the cluster at `scheduler`, with
-    `manifest` on every worker (a plugin named `task.manifest`).
+    `manifest` on every worker (a plugin named `task.manifest`). The units of `left`
+    (`check_share`: failed too often) are not sent: their failures are reported here.
 
     `scheduler` is a scheduler address (tcp://host:8786, or a scheduler file path ending in
     .json), or `local` / `local:N` for a LocalCluster of N single-threaded worker processes.
@@ -156,16 +173,16 @@ def run_on_dask(
     from dask.distributed import Client, LocalCluster, as_completed
     from distributed import KilledWorker
 
-    summary = RunSummary()
+    summary = RunSummary(failures=left_failures(left, task.options.max_attempts))
     with Ledger(store.ledger_dir) as ledger:
         states = ledger.snapshot(len(store.shards()))
-    first = set(units)
-    todo = [u for u in units if states[u] != FINISHED]
-    todo += [u for u in range(len(states)) if states[u] != FINISHED and u not in first]
-    if not todo:
-        summary.units_skipped = len(store.shards())
-        return summary
+    first, kept = set(units), {record.unit for record in left}
+    todo = [u for u in units if states[u] != FINISHED and u not in kept]
+    todo += [u for u in range(len(states))
+             if states[u] != FINISHED and u not in first and u not in kept]  # fmt: skip
     summary.units_skipped = len(store.shards()) - len(todo)
+    if not todo:
+        return summary
     cluster = None
     scheduler = scheduler or "local"
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
@@ -217,7 +234,7 @@ def run_on_dask(
                     futures[new] = unit
                     pending.add(new)
                     continue
-                summary.add(replace(result, units_skipped=0))
+                summary.add(result)  # units_skipped: finished by another process meanwhile
                 bar.update()
                 if summary.failures:
                     bar.set_postfix(failed=len(summary.failures), refresh=False)

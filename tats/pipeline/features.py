@@ -136,7 +136,7 @@ def open_features_store(
     side = backbone.grid[0]
     fields = features_fields(config.views, config.frames, side, backbone.dim)
     return RowStore.create_or_open(
-        out, FEATURES, fields, len(manifest.rows), config.shard_size, provenance
+        out, FEATURES, fields, len(manifest.rows), config.shard_size, provenance, manifest.path
     )
 
 

@@ -17,24 +17,36 @@ a lease:
 After claiming, a worker re-reads the unit's ledger record (the previous holder may have
 finished it); before writing the unit's shard it checks that it still holds the lease (a
 holder frozen for longer than the timeout has lost it, and drops its work); it deletes the
-lease after the unit's ledger record. Every holder appends its claims, takeovers, releases and
-losses to its own file `leases/log/<holder>.jsonl`, and keeps the rows it is computing in
+lease after the unit's ledger record (a holder killed in between leaves its lease on a unit
+that no run claims again: runs remove such leases at their start, `clear`). Every holder
+appends its claims, takeovers, releases and losses to its own file
+`leases/log/<holder>.jsonl`, and keeps the rows it is computing in
 `leases/progress/<holder>.json`, so that whatever kills a worker can be blamed on its video.
+
+A lease file that cannot be read as a lease (damaged, written by hand, empty because its
+creator died while writing it) holds nobody: it is taken over once it was not touched for the
+timeout. Fields a lease does not need are ignored, and a holder whose PID namespace is not
+recorded is judged by its heartbeat alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tats.stores import remove_old
+
 HOST = socket.gethostname()
 DEFAULT_TIMEOUT = 180.0
+_LEASE = re.compile(r"unit-(\d{6,})\.lease")
 
 
 def _pid_namespace() -> str:
@@ -197,6 +209,38 @@ class UnitLeases:
         found = read_lease(self.path(unit))
         return None if found is None or self.is_dead(found) else found
 
+    def sweep(self, recorded: Callable[[int], bool]) -> None:
+        """Remove what killed holders left (one listing of the folder): the files a claim,
+        takeover or release writes aside, once older than the timeout; and their leases of
+        the units `recorded` says have a ledger record, which no run might claim again to take
+        them over (`clear`)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        asides = (".new", ".taken", ".released")
+        remove_old([self.directory / n for n in names
+                    if n.startswith(".unit-") and n.endswith(asides)], self.timeout)  # fmt: skip
+        for name in names:
+            unit = lease_unit(name)
+            if unit is not None and recorded(unit):
+                self.clear(unit)
+
+    def clear(self, unit: int) -> bool:
+        """Remove `unit`'s lease if its holder is dead (or it is unreadable and stale), as a
+        takeover does, without claiming the unit; returns whether one was removed."""
+        path = self.path(unit)
+        found = read_lease(path)
+        if found is None:
+            if self._unreadable_and_stale(path):
+                path.unlink(missing_ok=True)
+                return True
+            return False
+        if not self.is_dead(found) or not self._take_away(path, found):
+            return False
+        self._log("takeover", unit, previous=found.holder.id, cleared=True)
+        return True
+
     def holder_of(self, unit: int) -> LeaseHolder | None:
         """Who holds `unit` now (None: nobody)."""
         found = read_lease(self.path(unit))
@@ -319,14 +363,30 @@ class UnitLeases:
         self._log_file.flush()
 
 
+def lease_unit(name: str) -> int | None:
+    """The unit of a lease file's name (`unit-NNNNNN.lease`), None for another name."""
+    found = _LEASE.fullmatch(name)
+    return None if found is None else int(found.group(1))
+
+
 def read_lease(path: Path) -> Lease | None:
-    """The lease at `path`, or None when there is none (or it vanished while being read)."""
+    """The lease at `path`, or None when there is none, it vanished while being read, or it
+    cannot be read as a lease (see the module docstring)."""
     try:
         heartbeat = path.stat().st_mtime
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return Lease(LeaseHolder(**data["holder"]), data["unit"], data["claimed"], heartbeat)
+        data = json.loads(path.read_text(errors="replace"))
+        holder = data["holder"]
+        start = holder.get("start")
+        lease = Lease(
+            LeaseHolder(
+                str(holder["id"]), str(holder["host"]), str(holder.get("pid_namespace", "?")),
+                int(holder["pid"]), None if start is None else int(start),
+            ),
+            int(data["unit"]), float(data["claimed"]), heartbeat,
+        )  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # FileNotFoundError included
+    return lease
 
 
 def read_progress(directory: str | Path, holder_id: str, unit: int) -> dict | None:
@@ -334,16 +394,21 @@ def read_progress(directory: str | Path, holder_id: str, unit: int) -> dict | No
     (see `UnitLeases.progress`), None if nothing."""
     try:
         doing = json.loads((Path(directory) / "progress" / f"{holder_id}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
-    return doing.get(str(unit))
+    found = doing.get(str(unit)) if isinstance(doing, dict) else None
+    return found if isinstance(found, dict) and "phase" in found else None
 
 
 def read_log(directory: str | Path) -> list[dict]:
-    """Every holder's lease events, in time order."""
+    """Every holder's lease events, in time order (a line cut short by a kill is skipped)."""
     events = []
     for path in sorted((Path(directory) / "log").glob("*.jsonl")):
-        events += [json.loads(line) for line in path.read_text().splitlines() if line]
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
     return sorted(events, key=lambda e: e["time"])
 
 

@@ -13,7 +13,14 @@ one listing of the folder, without opening a record: a resumed process opens onl
 of its own share (their video stamps) and of the units it computes. The map is a hint that the
 records overrule: a unit marked finished whose record is gone (deleted to redo it) is pending,
 a unit with a record but no mark is read once and marked, and a claimed unit's record is read
-again before it is computed. A lost or stale byte therefore costs a record read, never a unit.
+again before it is computed. A lost or stale byte therefore costs a record read, never a unit;
+and since a byte can also claim too much (damaged, or a failed record restored from a backup
+under a "finished" byte), every run compares the bytes of its own share with their records,
+which it reads anyway (their video stamps): a unit with failed rows is never hidden.
+
+A record names the run that wrote it (`current_run`: a Slurm job, a torchrun rendezvous, a Dask
+client, else the process) and when, so that the tasks of one run retry a failed video once
+between them, not once each.
 """
 
 from __future__ import annotations
@@ -22,16 +29,18 @@ import json
 import os
 import re
 import socket
-import time
+import stat
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 
 from tats.pipeline.sources import SourceStamp
-from tats.stores import fsync
+from tats.stores import StoreError, fsync
 
 MAP = "units.map"
+TIME = "%Y-%m-%dT%H:%M:%S.%f%z"  # a record's `finished`
 UNKNOWN, FINISHED = 0, 1
 _RECORD = re.compile(r"unit-(\d{6,})\.json")
 
@@ -52,12 +61,21 @@ class UnitRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
-    finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    finished: str = field(default_factory=lambda: datetime.now().astimezone().strftime(TIME))
     attempt: int = 1
     sources: dict[int, SourceStamp] = field(default_factory=dict)  # row -> video file stamp
     # row -> display rotation its frames were turned by (degrees; None: by decord, unreported);
     # rows of upright videos are left out
     rotations: dict[int, int | None] = field(default_factory=dict)
+    run: str = ""  # the run that wrote it (`current_run`); "" in records made before
+
+    def written(self) -> float:
+        """When the record was written, in seconds since the epoch (records made before
+        microseconds were kept: to the second)."""
+        try:
+            return datetime.strptime(self.finished, TIME).timestamp()
+        except ValueError:
+            return datetime.strptime(self.finished, "%Y-%m-%dT%H:%M:%S%z").timestamp()
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -73,7 +91,30 @@ class UnitRecord:
         data["failed"] = [Failure(**f) for f in data["failed"]]
         data["sources"] = {int(r): SourceStamp(*s) for r, s in data.get("sources", {}).items()}
         data["rotations"] = {int(r): d for r, d in data.get("rotations", {}).items()}
-        return cls(**data)
+        known = {f.name for f in fields(cls)}  # a newer tats may add fields: not ours to read
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.written()  # a readable time
+        return record
+
+
+def current_run(env: Mapping[str, str] = os.environ) -> str:
+    """An id the processes of one run share: a Slurm job array's (its tasks; a task
+    resubmitted alone is another job, so another run), a torchrun rendezvous's; else one of
+    its own (a run started by hand beside others is told apart by the time: `retried_in_run`).
+    Not a plain Slurm job's: commands typed one after the other in one allocation are runs of
+    their own."""
+    if "SLURM_ARRAY_JOB_ID" in env:
+        return f"slurm:{env['SLURM_ARRAY_JOB_ID']}"
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun:{env['TORCHELASTIC_RUN_ID']}"
+    return f"process:{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def retried_in_run(record: UnitRecord, run: str, started: float) -> bool:
+    """Whether `record` was written in the run `run`, which started at `started` here: by a
+    process of the same run, or by any process after then (one started beside this one). Its
+    failed videos were tried in this run already."""
+    return record.run == run or record.written() >= started
 
 
 def state_of(record: UnitRecord | None) -> int:
@@ -99,11 +140,27 @@ class Ledger:
         return self.directory / f"unit-{unit:06d}.json"
 
     def read(self, unit: int) -> UnitRecord | None:
+        """`unit`'s record, None if it has none; StoreError naming the file if it is damaged
+        (records are written whole, so only the disk or a hand can damage one)."""
         path = self._path(unit)
         try:
-            return UnitRecord.from_json(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             return None
+        try:
+            record = UnitRecord.from_json(text)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            problem = error.msg if isinstance(error, json.JSONDecodeError) else repr(error)
+            raise StoreError(
+                f"{path}: damaged ledger record ({problem}); delete it and rerun to compute "
+                f"unit {unit} again"
+            ) from None
+        if record.unit != unit:
+            raise StoreError(
+                f"{path}: the ledger record of unit {record.unit}, not {unit}; delete it and "
+                f"rerun to compute unit {unit} again"
+            )
+        return record
 
     def has(self, unit: int) -> bool:
         """Whether `unit` has a record (without reading it)."""
@@ -171,7 +228,17 @@ class Ledger:
     def _map(self) -> int:
         if self._map_fd is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._map_fd = os.open(self.directory / MAP, os.O_RDWR | os.O_CREAT, 0o644)
+            path = self.directory / MAP
+            try:
+                kind = os.stat(path).st_mode
+            except FileNotFoundError:
+                kind = stat.S_IFREG
+            if not stat.S_ISREG(kind):
+                raise StoreError(
+                    f"{path}: not a file (the ledger's units map, one byte per unit): remove "
+                    f"it and rerun; the run makes it again from the ledger records"
+                )
+            self._map_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         return self._map_fd
 
     def close(self) -> None:

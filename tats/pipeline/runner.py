@@ -14,6 +14,12 @@ A unit's rows are gathered in memory; a background thread then checks that the l
 ours, writes the shard, fsyncs it, writes the unit's ledger record and releases the lease,
 while the next unit computes. A rerun skips finished units and retries failed rows, and
 refuses to resume over videos that changed since their rows were written (sources.py).
+
+A failed video is retried once per run, whatever the number of processes: a unit whose record
+was written in this run (ledger.retried_in_run) is left as it is, and so is one whose videos
+failed `max_attempts` times; the process whose share holds such a unit reports its failures.
+A retried unit's rows that are not done start from their fill values, never from what a killed
+attempt left in the shard.
 """
 
 from __future__ import annotations
@@ -34,10 +40,21 @@ from tats.manifest import Manifest, VideoRow
 from tats.pipeline import sources
 from tats.pipeline.decoders import DecoderPool, Loaded
 from tats.pipeline.leases import DEFAULT_TIMEOUT, Lease, LeaseHolder, UnitLeases
-from tats.pipeline.ledger import FINISHED, Failure, Ledger, UnitRecord, failed_in, state_of
+from tats.pipeline.ledger import (
+    FINISHED,
+    UNKNOWN,
+    Failure,
+    Ledger,
+    UnitRecord,
+    current_run,
+    failed_in,
+    retried_in_run,
+    state_of,
+)
 from tats.stores import RowStore, StoreError, row_digest
 
 DEFAULT_VIDEO_TIMEOUT = 600.0
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 class Stage(Protocol):
@@ -56,12 +73,16 @@ class RunOptions:
     workers: decoding processes (0: decode inline, without a time limit).
     video_timeout: seconds a video may take to decode before it is failed (None: no limit).
     lease_timeout: seconds without a heartbeat after which another worker takes a unit over.
+    max_attempts: times a video is tried, over all runs, before it is reported and left.
+    run: the id of the run this process is part of (None: `ledger.current_run()`).
     """
 
     workers: int = 2
     video_timeout: float | None = DEFAULT_VIDEO_TIMEOUT
     lease_timeout: float = DEFAULT_TIMEOUT
     progress: bool = True
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    run: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -70,6 +91,8 @@ class RunOptions:
             raise ValueError(f"--video-timeout must be positive, not {self.video_timeout}")
         if self.lease_timeout <= 0:
             raise ValueError(f"--lease-timeout must be positive, not {self.lease_timeout}")
+        if self.max_attempts < 1:
+            raise ValueError(f"--max-attempts must be at least 1, not {self.max_attempts}")
 
 
 @dataclass
@@ -148,14 +171,18 @@ def _run(
     blame: Blame,
     ledger: Ledger,
 ) -> RunSummary:
+    started, run = time.time(), options.run or current_run()
     shards = store.shards()
     states = ledger.snapshot(len(shards))
-    check_sources(store, manifest, ledger, units if share is None else share, states)
+    left = check_share(
+        store, manifest, ledger, units if share is None else share, states, options.max_attempts
+    )
     if share is None or share:
-        store.remove_debris(older_than=options.lease_timeout)
-    summary = RunSummary()
+        sweep(store, states, options.lease_timeout)
+    summary = RunSummary(failures=left_failures(left, options.max_attempts))
     jobs: deque[_Job] = deque()
     pending = {u: _pending_rows(states[u], shards[u]) for u in units}
+    pending |= {record.unit: 0 for record in left if record.unit in pending}
     total = sum(pending.values())
     bar = tqdm(
         total=total, desc=desc, unit="video", disable=not (options.progress and total),
@@ -163,7 +190,8 @@ def _run(
     )  # fmt: skip
 
     with UnitLeases(store.lease_dir, options.lease_timeout) as leases:
-        claims = _Claims(shards, ledger, leases, summary, blame, bar, pending, states)
+        retry = _Retry(run, started, options.max_attempts)
+        claims = _Claims(shards, ledger, leases, summary, blame, bar, pending, states, retry)
 
         def claimed_rows(look: Iterator[_Job]) -> Iterator[VideoRow]:
             for job in look:
@@ -183,7 +211,7 @@ def _run(
                 while (first := next(stream, None)) is not None:
                     job = jobs.popleft()
                     loaded = chain([first], islice(stream, len(job.rows) - 1))
-                    buffers, record = _run_unit(stage, store, job, loaded, leases, bar)
+                    buffers, record = _run_unit(stage, store, job, loaded, leases, bar, run)
                     if writing is not None:
                         _count(summary, *writing.result())
                     writing = writer.submit(_commit, store, ledger, leases, job, buffers, record)
@@ -193,6 +221,26 @@ def _run(
     return summary
 
 
+def sweep(store: RowStore, states: bytes, lease_timeout: float) -> None:
+    """Remove what killed processes left: their temporary files (`RowStore.remove_debris`,
+    `UnitLeases.sweep`), and their leases of units that have a record (`states`: the units
+    map), which no run might claim again to take them over (a kill between a unit's record and
+    its lease's release)."""
+    store.remove_debris(older_than=lease_timeout)
+    with UnitLeases(store.lease_dir, lease_timeout) as leases:
+        leases.sweep(lambda unit: unit < len(states) and states[unit] != UNKNOWN)
+
+
+def left_failures(left: Sequence[UnitRecord], max_attempts: int) -> list[Failure]:
+    """The failures of units left after `max_attempts` attempts, as reported."""
+    return [
+        Failure(f.row, f.video_id, f"{f.error} (left after {record.attempt} attempts: "
+                f"--max-attempts {max_attempts})")  # fmt: skip
+        for record in left
+        for f in record.failed
+    ]
+
+
 def _count(summary: RunSummary, job: _Job, record: UnitRecord | None) -> None:
     if record is None:
         summary.units_lost += 1
@@ -200,6 +248,28 @@ def _count(summary: RunSummary, job: _Job, record: UnitRecord | None) -> None:
     summary.units += 1
     summary.videos_done += len(record.done) - (len(job.record.done) if job.record else 0)
     summary.failures += record.failed
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """Which failed units this process retries: those whose videos failed fewer than
+    `max_attempts` times, and not already in this run (`run`, which began here at
+    `started`)."""
+
+    run: str
+    started: float
+    max_attempts: int
+
+    def leaves(self, record: UnitRecord | None) -> bool:
+        """Whether a unit with this record is left as it is (finished, or failed and not to be
+        retried here)."""
+        if record is None:
+            return False
+        if not record.failed:
+            return True
+        return record.attempt >= self.max_attempts or retried_in_run(
+            record, self.run, self.started
+        )
 
 
 @dataclass(frozen=True)
@@ -226,6 +296,7 @@ class _Claims:
     bar: tqdm
     pending: dict[int, int]
     states: bytearray  # the ledger's map, as read at the start (and learnt since)
+    retry: _Retry
     held: dict[int, Lease | None] = field(default_factory=dict)
 
     def first_look(self, units: Sequence[int]) -> Iterator[_Job]:
@@ -270,16 +341,24 @@ class _Claims:
                 time.sleep(step)
 
     def _finished(self, unit: int) -> bool:
-        """Finished, by the map (no record opened): at the start, or marked since."""
+        """Finished, by the map (no record opened): at the start, or marked since; or failed
+        and left as it is (its record read)."""
         if self.states[unit] == FINISHED:
             return True
-        if self.ledger.state(unit) == FINISHED and self.ledger.has(unit):
+        state = self.ledger.state(unit)
+        if state == FINISHED and self.ledger.has(unit):
             self.states[unit] = FINISHED
             return True
+        if state > FINISHED or self.states[unit] > FINISHED:
+            record = self.ledger.read(unit)
+            if record is not None and self.retry.leaves(record):
+                self.states[unit] = state_of(record)
+                return True
         return False
 
     def _claim(self, unit: int) -> _Job | _Busy | bool:
-        """The claimed unit's job; True if it is finished; _Busy if another worker holds it."""
+        """The claimed unit's job; True if it is finished (or left); _Busy if another worker
+        holds it."""
         termination.check()  # a SIGTERM whose exception Python dropped
         if self._finished(unit):
             return True
@@ -291,9 +370,9 @@ class _Claims:
         record = self.ledger.read(unit)  # the previous holder may have finished it meanwhile
         if state_of(record) != self.ledger.state(unit):
             self.ledger.mark(unit, state_of(record))  # a byte lost, or a record restored
-        if _finished(record):
+        if self.retry.leaves(record):
             self.leases.release(unit)
-            self.states[unit] = FINISHED
+            self.states[unit] = state_of(record)
             return True
         shard = self.shards[unit]
         rows = list(shard) if record is None else [f.row for f in record.failed]
@@ -309,10 +388,6 @@ class _Claims:
         self.bar.refresh()
 
 
-def _finished(record: UnitRecord | None) -> bool:
-    return record is not None and not record.failed
-
-
 def _pending_rows(state: int, shard: range) -> int:
     """Rows of a unit still to compute, by its map byte: all of them, its failed ones, or
     none."""
@@ -326,14 +401,20 @@ def _run_unit(
     loaded: Iterator[Loaded],
     leases: UnitLeases,
     bar: tqdm,
+    run: str,
 ) -> tuple[dict[str, np.ndarray], UnitRecord]:
     """Compute a unit's rows into shard buffers; returns them and the unit's record."""
     shard = job.shard
     started = time.perf_counter()
     seconds = {"decode": 0.0, "compute": 0.0}
     record = job.record
-    # A retry keeps the rows done before: read the shard back and rewrite it whole.
-    buffers = store.empty_rows(len(shard)) if record is None else store.read_rows(shard)
+    buffers = store.empty_rows(len(shard))
+    if record is not None:
+        # A retry keeps the rows done before: read the shard back and rewrite it whole. The
+        # other rows start empty: a killed attempt may have left its data in them.
+        done_before = [row - shard.start for row in record.done]
+        for name, values in store.read_rows(shard).items():
+            buffers[name][done_before] = values[done_before]
     done = dict(record.done) if record else {}
     stamps = dict(record.sources) if record else {}
     rotations = dict(record.rotations) if record else {}
@@ -382,6 +463,7 @@ def _run_unit(
         attempt=record.attempt + 1 if record else 1,
         sources={r: stamps[r] for r in sorted(done) if r in stamps},
         rotations={r: rotations[r] for r in sorted(done) if r in rotations},
+        run=run,
     )
     return buffers, result
 
@@ -426,20 +508,29 @@ def _compute(stage: Stage, items: list[Loaded]) -> list[dict[str, np.ndarray] | 
         return [r for item in items for r in _compute(stage, [item])]
 
 
-def check_sources(
+def check_share(
     store: RowStore,
     manifest: Manifest,
     ledger: Ledger,
     units: Sequence[int],
-    states: bytes | None = None,
-) -> None:
-    """Refuse to resume when video files of finished rows changed since they were written.
-    `states`: the ledger's map (`Ledger.snapshot`): units without a record are not opened."""
-    changed = []
+    states: bytearray,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> list[UnitRecord]:
+    """Read the records of `units` (a process's share; `states`, the ledger's map from
+    `Ledger.snapshot`, says which have one): refuse to resume when video files of finished
+    rows changed since they were written; mend the map where a byte disagrees with its record
+    (a byte that says finished would hide failed rows for good). Returns the records of the
+    units left after `max_attempts` attempts, whose failures this process reports."""
+    changed, left = [], []
     for unit in units:
-        if states is not None and not states[unit]:
+        if not states[unit]:
             continue
         record = ledger.read(unit)
+        if state_of(record) != states[unit]:
+            states[unit] = state_of(record)
+            ledger.mark(unit, states[unit])
+        if record is not None and record.failed and record.attempt >= max_attempts:
+            left.append(record)
         for row, recorded in (record.sources if record else {}).items():
             problem = sources.change(manifest.rows[row].path, recorded)
             if problem:
@@ -451,3 +542,4 @@ def check_sources(
             f"{store.path}: {len(changed)} videos changed since they were extracted: {listed}"
             f"{more}. Restore them, or extract into a new --out"
         )
+    return left

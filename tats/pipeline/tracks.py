@@ -275,7 +275,7 @@ def open_tracks_store(
         provenance["clustering_backbone"] = backbone.identity
     fields = tracks_fields(config.frames, config.points, config.subset)
     return RowStore.create_or_open(
-        out, TRACKS, fields, len(manifest.rows), config.shard_size, provenance
+        out, TRACKS, fields, len(manifest.rows), config.shard_size, provenance, manifest.path
     )
 
 
