@@ -53,10 +53,10 @@ def timed(owner, name: str, kind: str) -> None:
 def instrument() -> None:
     for method in ("claim", "holds", "release", "progress"):
         timed(leases.UnitLeases, method, "leases")
-    timed(runner, "check_sources", "stamp checks on resume")
+    timed(runner, "check_share", "stamp checks on resume")
     timed(decoders, "stamp", "stamps while decoding (in the decoders)")
     timed(RowStore, "sync_rows", "fsync of shards")
-    timed(RowStore, "remove_debris", "debris scan")
+    timed(runner, "sweep", "debris scan")
 
 
 def measure(stage: str, manifest, folder: Path) -> dict:
