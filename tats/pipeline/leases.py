@@ -170,9 +170,10 @@ class UnitLeases:
                 continue
             if not self.is_dead(found):
                 return False
-            if not self._take_away(path, found):
+            taken = self._take_away(path, found)
+            if taken is None:
                 return False
-            self._log("takeover", unit, previous=found.holder.id)
+            self._log("takeover", unit, at=taken, previous=found.holder.id)
         return False
 
     def holds(self, unit: int) -> bool:
@@ -187,9 +188,10 @@ class UnitLeases:
             self._doing.pop(str(unit), None)
         if path is None:
             return
+        when = time.time()  # before the file goes: a claim that follows is logged after it
         if not lost:
             self._remove_own(path)
-        self._log("lost" if lost else "release", unit)
+        self._log("lost" if lost else "release", unit, at=when)
 
     def progress(self, unit: int, rows: list[int] | None, phase: str) -> None:
         """Record what this process does with `unit` (`phase` compute, with the rows being
@@ -236,9 +238,10 @@ class UnitLeases:
                 path.unlink(missing_ok=True)
                 return True
             return False
-        if not self.is_dead(found) or not self._take_away(path, found):
+        taken = self._take_away(path, found) if self.is_dead(found) else None
+        if taken is None:
             return False
-        self._log("takeover", unit, previous=found.holder.id, cleared=True)
+        self._log("takeover", unit, at=taken, previous=found.holder.id, cleared=True)
         return True
 
     def holder_of(self, unit: int) -> LeaseHolder | None:
@@ -289,13 +292,15 @@ class UnitLeases:
         finally:
             aside.unlink(missing_ok=True)
 
-    def _take_away(self, path: Path, dead: Lease) -> bool:
-        """Remove a dead holder's lease; False if what was removed was somebody else's."""
+    def _take_away(self, path: Path, dead: Lease) -> float | None:
+        """Remove a dead holder's lease; returns when (read before the removal, so that the log
+        puts it before any claim that follows), None if what was removed was somebody else's."""
         tomb = self.directory / f".{path.name}.{self.holder.id}.taken"
+        when = time.time()
         try:
             os.rename(path, tomb)
         except FileNotFoundError:
-            return True  # gone meanwhile: claim again
+            return when  # gone meanwhile: claim again
         taken = read_lease(tomb)
         try:
             if taken is not None and taken.holder.id != dead.holder.id:
@@ -304,8 +309,8 @@ class UnitLeases:
                     os.link(tomb, path)
                 except FileExistsError:
                     pass
-                return False
-            return True
+                return None
+            return when
         finally:
             tomb.unlink(missing_ok=True)
 
@@ -352,12 +357,13 @@ class UnitLeases:
                 except OSError:
                     pass  # taken over meanwhile, or a passing file-system error: `holds` decides
 
-    def _log(self, event: str, unit: int, **extra) -> None:
+    def _log(self, event: str, unit: int, at: float | None = None, **extra) -> None:
+        """Append an event, at time `at` (default: now) to this holder's log."""
         if self._log_file is None:
             folder = self.directory / "log"
             folder.mkdir(parents=True, exist_ok=True)
             self._log_file = open(folder / f"{self.holder.id}.jsonl", "a")  # noqa: SIM115
-        record = {"time": time.time(), "event": event, "unit": unit,
+        record = {"time": time.time() if at is None else at, "event": event, "unit": unit,
                   "holder": self.holder.id, **extra}  # fmt: skip
         self._log_file.write(json.dumps(record) + "\n")
         self._log_file.flush()
