@@ -139,7 +139,9 @@ def break_two_videos(manifest: Path, tmp_path: Path, corrupt_row: int, missing_r
 
 def lease_intervals(out: Path) -> dict[int, list[tuple[float, float, str]]]:
     """Per unit, when each holder held it: (from, to, holder), from the leases' logs. A holder
-    that died holds until the takeover that names it (or forever, if nobody took over)."""
+    that died holds until the takeover that names it (or forever, if nobody took over); one
+    killed between creating its lease and logging the claim holds from its lease's claim time
+    (`since`, as the taker read it), or the unit's previous release if that came later."""
     held: dict[int, list[tuple[float, float, str]]] = {}
     opened: dict[tuple[int, str], float] = {}
     for event in read_log(Path(out) / "leases"):
@@ -150,6 +152,10 @@ def lease_intervals(out: Path) -> dict[int, list[tuple[float, float, str]]]:
         ended = event["previous"] if event["event"] == "takeover" else holder
         if (unit, ended) in opened:
             start = opened.pop((unit, ended))
+            held.setdefault(unit, []).append((start, event["time"], ended))
+        elif event["event"] == "takeover" and "since" in event:
+            before = [end for _, end, _ in held.get(unit, []) if end <= event["time"]]
+            start = max([float(event["since"]), *before])
             held.setdefault(unit, []).append((start, event["time"], ended))
     for (unit, holder), start in opened.items():
         held.setdefault(unit, []).append((start, float("inf"), holder))

@@ -4,7 +4,12 @@ its taker's lease alive nor deletes it."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+
+from stage_helpers import lease_intervals
 
 from tats.pipeline.leases import UnitLeases, read_lease
 
@@ -45,3 +50,25 @@ def test_an_unreadable_lease_is_taken_over_once_stale(tmp_path):
         past = time.time() - 5
         os.utime(path, (past, past))
         assert leases.claim(0) and leases.holds(0)
+
+
+def test_a_holder_killed_before_logging_its_claim_still_shows_in_the_lease_log(tmp_path):
+    # A worker SIGKILLed after its lease file exists and before its claim is logged held the
+    # unit all the same: the taker's log says since when (the dead lease's claim time), so
+    # that the held-once check of the fault tests sees both holders (it saw only the taker's,
+    # which made tests/test_faults.py's Dask kill test fail now and then under load).
+    created = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys\n"
+         "from tats.pipeline.leases import UnitLeases\n"
+         "leases = UnitLeases(sys.argv[1])\n"
+         "print(leases.holder.id, leases._create(leases.path(2), 2), flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)\n", str(tmp_path / "leases")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert created.returncode == -signal.SIGKILL, created.stderr
+    dead, claimed = created.stdout.split()
+    with UnitLeases(tmp_path / "leases") as taker:
+        assert taker.claim(2)
+    spans = sorted(lease_intervals(tmp_path)[2])
+    assert [holder for _, _, holder in spans] == [dead, taker.holder.id]
+    assert spans[0][0] == float(claimed) and spans[0][1] <= spans[1][0]

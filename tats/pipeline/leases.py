@@ -20,7 +20,8 @@ holder frozen for longer than the timeout has lost it, and drops its work); it d
 lease after the unit's ledger record (a holder killed in between leaves its lease on a unit
 that no run claims again: runs remove such leases at their start, `clear`). Every holder
 appends its claims, takeovers, releases and losses to its own file
-`leases/log/<holder>.jsonl`, and keeps the rows it is computing in
+`leases/log/<holder>.jsonl` (a takeover names the previous holder and its lease's claim time,
+so that a holder killed before logging its claim still shows), and keeps the rows it is computing in
 `leases/progress/<holder>.json`, so that whatever kills a worker can be blamed on its video.
 
 A lease file that cannot be read as a lease (damaged, written by hand, empty because its
@@ -154,12 +155,14 @@ class UnitLeases:
     def claim(self, unit: int) -> bool:
         """Claim `unit` unless a live worker holds it (a dead holder's lease is taken over)."""
         path = self.path(unit)
+        self._open_log()  # before the lease exists, so that its claim is logged right after
+        self._start_heartbeat()
         for _ in range(3):  # a lease released or taken between our looks: look again
             with self._lock:  # before the file exists: a SIGTERM right after still releases it
                 self._held[unit] = path
-            if self._create(path, unit):
-                self._start_heartbeat()
-                self._log("claim", unit)
+            claimed = self._create(path, unit)
+            if claimed is not None:
+                self._log("claim", unit, at=claimed)
                 return True
             with self._lock:
                 del self._held[unit]
@@ -173,7 +176,7 @@ class UnitLeases:
             taken = self._take_away(path, found)
             if taken is None:
                 return False
-            self._log("takeover", unit, at=taken, previous=found.holder.id)
+            self._log("takeover", unit, at=taken, previous=found.holder.id, since=found.claimed)
         return False
 
     def holds(self, unit: int) -> bool:
@@ -241,7 +244,8 @@ class UnitLeases:
         taken = self._take_away(path, found) if self.is_dead(found) else None
         if taken is None:
             return False
-        self._log("takeover", unit, at=taken, previous=found.holder.id, cleared=True)
+        self._log("takeover", unit, at=taken, previous=found.holder.id, since=found.claimed,
+                  cleared=True)
         return True
 
     def holder_of(self, unit: int) -> LeaseHolder | None:
@@ -270,25 +274,26 @@ class UnitLeases:
 
     # ------------------------------------------------------------------ internals
 
-    def _create(self, path: Path, unit: int) -> bool:
-        """Create the lease file with its content in one step; False if it exists."""
+    def _create(self, path: Path, unit: int) -> float | None:
+        """Create the lease file with its content in one step; returns its claim time, None
+        if the file exists."""
         self.directory.mkdir(parents=True, exist_ok=True)
         content = {"holder": asdict(self.holder), "unit": unit, "claimed": time.time()}
         aside = self.directory / f".{path.name}.{self.holder.id}.new"
         aside.write_text(json.dumps(content))
         try:
             os.link(aside, path)
-            return True
+            return content["claimed"]
         except FileExistsError:
-            return False
+            return None
         except OSError:  # a file system without hard links: create-exclusive, then write
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                return False
+                return None
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(content))
-            return True
+            return content["claimed"]
         finally:
             aside.unlink(missing_ok=True)
 
@@ -357,12 +362,15 @@ class UnitLeases:
                 except OSError:
                     pass  # taken over meanwhile, or a passing file-system error: `holds` decides
 
-    def _log(self, event: str, unit: int, at: float | None = None, **extra) -> None:
-        """Append an event, at time `at` (default: now) to this holder's log."""
+    def _open_log(self) -> None:
         if self._log_file is None:
             folder = self.directory / "log"
             folder.mkdir(parents=True, exist_ok=True)
             self._log_file = open(folder / f"{self.holder.id}.jsonl", "a")  # noqa: SIM115
+
+    def _log(self, event: str, unit: int, at: float | None = None, **extra) -> None:
+        """Append an event, at time `at` (default: now) to this holder's log."""
+        self._open_log()
         record = {"time": time.time() if at is None else at, "event": event, "unit": unit,
                   "holder": self.holder.id, **extra}  # fmt: skip
         self._log_file.write(json.dumps(record) + "\n")
