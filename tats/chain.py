@@ -51,8 +51,10 @@ class RunConfig:
     tracker_checkpoint: Path | None = None
     tracker_options: tuple[tuple[str, object], ...] = ()  # the tracker's constructor options
     weights: Path | None = None  # the features backbone's (and semantic queries' clustering)
-    device: str = "cpu"
+    device: str = "auto"  # the extraction stages' (auto: CUDA where there is one)
     workers: int = 2
+    tracks_batch: int = 1  # videos per tracker call
+    features_batch: int = 4  # videos per backbone forward
     progress: bool = True
     train_out: str = "train"
     unhonoured: tuple[str, ...] = ()  # the recipe's values that tats cannot follow
@@ -76,6 +78,8 @@ class RunConfig:
                 "weights": _text(self.weights),
                 "device": self.device,
                 "workers": self.workers,
+                "tracks_batch": self.tracks_batch,
+                "features_batch": self.features_batch,
             },
             "trainings": {self.train_out: train},
             "protocol": self.train.protocol,
@@ -115,8 +119,10 @@ def resolve_run(
     video_root: str | Path | None = None,
     tracker_checkpoint: str | Path | None = None,
     weights: str | Path | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     workers: int = 2,
+    tracks_batch: int = 1,
+    features_batch: int = 4,
     progress: bool = True,
     train_out: str = "train",
     fixes: str | None = None,
@@ -131,9 +137,12 @@ def resolve_run(
     `command_line`: the options given there, recorded in run.json). Reads no manifest and no
     video: bad values raise ValueError, one line."""
     from tats.methods import TRACKS_KEYS, with_method
+    from tats.pipeline.backbones import list_backbones
     from tats.pipeline.semantic import SemanticConfig
+    from tats.pipeline.trackers import list_trackers
     from tats.recipes import load_recipe
-    from tats.train_config import config_from_dict, read_config_file
+    from tats.train_config import TrainConfig, config_from_dict, read_config_file
+    from tats.values import blame, check_table
 
     chosen = load_recipe(recipe) if recipe else None
     given_tracks, given_features = dict(tracks or {}), dict(features or {})
@@ -141,23 +150,46 @@ def resolve_run(
         given_tracks["frames"] = given_features["frames"] = frames
     file_options = read_config_file(train_file) if train_file else {}
     file_options = {k.replace("-", "_"): v for k, v in file_options.items()}
+    # Where each value comes from, for the one line that refuses it; values from files are
+    # checked against their fields' types before anything is built from them.
+    origin: dict[str, dict[str, str]] = {"tracks": {}, "features": {}, "train": {}}
+    if chosen is not None:
+        check_recipe(chosen)
+        for stage in ("tracks", "features"):
+            origin[stage] |= {k: f"{chosen.path} [time]" for k in chosen.time}
+            origin[stage] |= {k: f"{chosen.path} [{stage}]" for k in getattr(chosen, stage)}
+        origin["train"] |= {k: f"{chosen.path} [train]" for k in chosen.train}
+        origin["train"] |= {k: f"{chosen.path} [release]" for k in chosen.release}
+        origin["train"]["method"] = f"{chosen.path} method"
+    if train_file:
+        check_table(TrainConfig, file_options, f"{train_file}:", FILE_ONLY)
+        origin["train"] |= {k: str(train_file) for k in file_options}
+    origin["tracks"] |= {k: _flag(k) for k in given_tracks}
+    origin["features"] |= {k: _flag(k) for k in given_features}
+    origin["train"] |= {k: _flag(k) for k in (train or {})}
     defaults = {"fixes": "none" if chosen else "all", "protocol": "release" if chosen else "clean"}
     train_options = {**defaults, **(chosen.train_options() if chosen else {}), **file_options,
                      **(train or {})}  # fmt: skip
     if fixes is not None:
         train_options["fixes"] = fixes
+        origin["train"]["fixes"] = "--fixes"
     if protocol is not None:
         train_options["protocol"] = protocol
+        origin["train"]["protocol"] = "--protocol"
     if chosen is not None and train_options["protocol"] == "release":
         train_options = {**chosen.release, **train_options}
     try:
         train_options["fixes"] = parse_fixes(train_options["fixes"])
     except ValueError as error:
-        raise ValueError(f"--fixes: {error}") from None
+        raise ValueError(f"{origin['train'].get('fixes', '--fixes')}: {error}") from None
+    if device is not None:  # the command line's device runs training too
+        train_options["device"] = device
+        origin["train"]["device"] = "--device"
     if method is not None:
         train_options["method"] = method
+        origin["train"]["method"] = "--method"
     method = train_options.get("method")
-    source = str(train_file or (chosen.path if chosen else "tats run"))
+    fallback = str(train_file or (chosen.path if chosen else "tats run"))
 
     recipe_tracks = chosen.tracks_options() if chosen else {}
     tracker_options = dict(tracker_options or {})
@@ -168,6 +200,7 @@ def resolve_run(
             raise ValueError("--paper-tracker and --tracker: give one of them")
         if chosen.paper_tracker:  # else the recipe's tracker is the paper's
             recipe_tracks["tracker"] = chosen.paper_tracker["tracker"]
+            origin["tracks"]["tracker"] = f"{chosen.path} [paper_tracker]"
             tracker_options = {**chosen.paper_tracker.get("options", {}), **tracker_options}
     if chosen is not None and method != chosen.method:  # the other method's queries, then
         recipe_tracks = {k: v for k, v in recipe_tracks.items() if k not in TRACKS_KEYS}
@@ -175,7 +208,7 @@ def resolve_run(
     try:
         tracks_options = with_method({"method": method, **tracks_options}, TRACKS_KEYS)
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise blame(error, origin["train"], fallback) from None
     if tracks_options.get("queries") == SEMANTIC:
         semantic = tracks_options.get("semantic") or SemanticConfig()
         if chosen is None or "backbone" in given_features:  # clusters of --backbone's features
@@ -185,12 +218,29 @@ def resolve_run(
     else:
         tracks_options.pop("semantic", None)
     features_options = {**(chosen.features_options() if chosen else {}), **given_features}
+    stage_fallback = str(chosen.path) if chosen else "tats run"
     try:
         tracks_config = TracksConfig(**tracks_options)
+    except (TypeError, ValueError) as error:
+        raise blame(error, origin["tracks"], stage_fallback) from None
+    try:
         features_config = FeaturesConfig(**features_options)
     except (TypeError, ValueError) as error:
-        where = chosen.path if chosen else "tats run"
-        raise ValueError(f"{where}: {error}") from None
+        raise blame(error, origin["features"], stage_fallback) from None
+    if tracks_config.tracker not in list_trackers():
+        raise ValueError(
+            f"{origin['tracks'].get('tracker', '--tracker')}: unknown tracker "
+            f"{tracks_config.tracker!r}; available: {', '.join(list_trackers())}"
+        )
+    backbones = {"backbone": features_config.backbone}
+    if tracks_config.semantic is not None:
+        backbones["cluster backbone"] = tracks_config.semantic.backbone
+    for what, name in backbones.items():
+        if name not in list_backbones():
+            where = origin["features"].get("backbone", "--backbone")
+            raise ValueError(
+                f"{where}: unknown {what} {name!r}; available: {', '.join(list_backbones())}"
+            )
     if tracks_config.frames != features_config.frames:
         raise ValueError(
             f"the stages store different frames (tracks {tracks_config.frames}, features "
@@ -203,18 +253,56 @@ def resolve_run(
         tracks=str(out / STORES["tracks"]), features=str(out / STORES["features"]),
         manifest=str(manifest), out=str(out / train_out), resume=True,
     )  # fmt: skip
-    train_config = config_from_dict({**train_options, **paths}, source)
+    try:
+        train_config = config_from_dict({**train_options, **paths})
+    except (TypeError, ValueError) as error:
+        raise blame(error, origin["train"], fallback) from None
     return RunConfig(
         manifest=manifest, out=out, tracks=tracks_config, features=features_config,
         train=train_config, method=method, recipe=chosen.name if chosen else None,
         video_root=None if video_root is None else Path(video_root).absolute(),
         tracker_checkpoint=_absolute(tracker_checkpoint),
         tracker_options=tuple(sorted(tracker_options.items())), weights=_absolute(weights),
-        device=device, workers=workers, progress=progress, train_out=train_out,
+        device=device or "auto", workers=workers, tracks_batch=tracks_batch,
+        features_batch=features_batch, progress=progress, train_out=train_out,
         unhonoured=chosen.unhonoured if chosen else (),
         deviations=chosen.deviations if chosen else (),
         command_line=tuple(sorted((command_line or {}).items())),
     )  # fmt: skip
+
+
+# Keys of an options file that are not TrainConfig's fields as they are written there.
+FILE_ONLY = {"method": str, "fixes": str | list[str]}
+
+
+def check_recipe(recipe) -> None:
+    """Every value of a recipe's tables of the type of the option it sets (one line naming the
+    file, table and key)."""
+    from tats.train_config import TrainConfig
+    from tats.values import check_table
+
+    check_table(TracksConfig, recipe.time, f"{recipe.path}: [time]")
+    check_table(TracksConfig, recipe.tracks, f"{recipe.path}: [tracks]")
+    check_table(FeaturesConfig, recipe.features, f"{recipe.path}: [features]")
+    check_table(TrainConfig, recipe.train, f"{recipe.path}: [train]", FILE_ONLY)
+    check_table(TrainConfig, recipe.release, f"{recipe.path}: [release]")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def planned_devices(config: RunConfig) -> dict[str, str]:
+    """Where each stage of the run will run (`--device auto`: CUDA where there is one)."""
+    from tats.pipeline.tracks import CPU_TRACKERS
+    from tats.runtime import pick_device
+
+    cpu_only = config.tracks.tracker in CPU_TRACKERS
+    return {
+        "tracks": str(pick_device(config.device, cpu_only)),
+        "features": str(pick_device(config.device)),
+        config.train_out: str(pick_device(config.train.device)),
+    }
 
 
 def stage_recipes(config: RunConfig) -> tuple[TracksRecipe, FeaturesRecipe]:
@@ -223,10 +311,13 @@ def stage_recipes(config: RunConfig) -> tuple[TracksRecipe, FeaturesRecipe]:
     return (
         TracksRecipe(
             config.tracks, checkpoint=_text(config.tracker_checkpoint), device=config.device,
-            tracker_options=config.tracker_options,
+            tracker_options=config.tracker_options, batch_videos=config.tracks_batch,
             cluster_weights=_text(config.weights) if semantic else None,
         ),
-        FeaturesRecipe(config.features, weights=_text(config.weights), device=config.device),
+        FeaturesRecipe(
+            config.features, weights=_text(config.weights), device=config.device,
+            batch_videos=config.features_batch,
+        ),
     )  # fmt: skip
 
 
@@ -260,10 +351,12 @@ def run_chain(
 ) -> ChainResult:
     """Both stages, then training, in the run folder; each resumes where it stopped. Videos
     that fail extraction are recorded in the stores and left out of training."""
+    from tats.preflight import check_run
     from tats.timings import stage_clock
     from tats.train import train
 
     manifest = read_manifest(config.manifest, config.video_root)
+    check_run(config, manifest)  # before anything is written
     write_run_record(config, manifest)
     summaries = extract_stages(
         stage_recipes(config), manifest, config.out, clock=config.out, report=report,

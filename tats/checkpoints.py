@@ -25,8 +25,8 @@ CHECKPOINT_FORMAT = "tats.train.checkpoint"
 CHECKPOINT_VERSION = 1
 # The identity field that holds the weights' digest, and the option that gives the weights.
 WEIGHTS = {
-    "tracker": ("checkpoint_sha256", "--tracker-checkpoint"),
-    "backbone": ("weights_sha256", "--weights"),
+    "tracker": ("checkpoint_sha256", "--tracker-weights"),
+    "backbone": ("weights_sha256", "--backbone-weights"),
     "clustering backbone": ("weights_sha256", "--cluster-weights"),
 }
 # Each store of `data`: the identity it records, and what that identity is of.

@@ -42,7 +42,7 @@ from tats.fewshot import (
 )
 from tats.fixes import FIX_NAMES
 from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
-from tats.runtime import Runtime, amp_modes, inference_amp
+from tats.runtime import Runtime, amp_modes, device_line, inference_amp
 from tats.stores import StoreError
 
 EVAL_BATCH = 32  # clips per forward when each clip is embedded once
@@ -335,6 +335,7 @@ def evaluate(
     saved = state["config"]
     amp = amp_modes(saved["amp"], device, tuple(saved.get("fixes", FIX_NAMES)))[1]
     rt = Runtime.setup(device, inference_amp(amp, device), workers, saved["prefetch"])
+    rt.log(f"evaluate: {device_line(device, rt.device, rt.precision)}")
     data = EpisodeData.open(tracks, features, manifest)
     check_stores_match(state, data.tracks, data.features, Path(checkpoint))
     check_model_fits(ModelConfig(**state["model_config"]), data, Path(checkpoint))

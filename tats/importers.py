@@ -1,4 +1,5 @@
-"""Split importers: published few-shot split lists -> manifest rows (data_manifests/README.md).
+"""Split importers: published few-shot split lists -> manifest rows (data_manifests/README.md);
+a folder of class folders -> manifest rows with a seeded split of the classes.
 
 Formats, one file per split (train and test required, val optional):
 - molo: `{split}_few_shot.txt`, lines `<split><k>/<id>` (SSv2) or `<split><k>//<path>`;
@@ -17,6 +18,8 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from tats.manifest import SPLITS, ManifestError, RowChecker, VideoRow, absolute_path
 
@@ -155,3 +158,78 @@ def _relative_path(where: str, name: str, dataset: str, suffix: str) -> str:
 def _folder_name(rel: str) -> str:
     """The name of the folder holding a relative path ("" if none): the class, in most lists."""
     return posixpath.basename(posixpath.dirname(rel.strip("/")))
+
+
+# ---------------------------------------------------------------------------------------------
+# a folder of class folders
+
+
+DEFAULT_SHARE = 0.2  # of the classes, for val and for test
+
+
+def split_sizes(
+    classes: int, val: float | None, test: float | None, at_least: int = 1
+) -> tuple[int, int, int]:
+    """Classes of (train, val, test): `val` and `test` are fractions of the classes (below 1)
+    or counts (whole numbers from 1); None: 20% of the classes, and at least `at_least`
+    (an episode's way); train keeps the rest, at least one."""
+    sizes = []
+    for name, value in (("--val", val), ("--test", test)):
+        if value is None:
+            sizes.append(max(round(DEFAULT_SHARE * classes), at_least))
+            continue
+        if value < 0 or (value >= 1 and value != int(value)):
+            raise ValueError(f"{name} {value}: a fraction of the classes (below 1) or a count")
+        sizes.append(int(value) if value >= 1 else max(round(value * classes), int(value > 0)))
+    train = classes - sum(sizes)
+    if train < 1:
+        raise ValueError(
+            f"{classes} classes cannot give {sizes[0]} val and {sizes[1]} test classes and "
+            "still some to train on; give smaller --val / --test"
+        )
+    return train, sizes[0], sizes[1]
+
+
+def rows_from_folders(
+    folder: str | Path,
+    val: float | None = None,
+    test: float | None = None,
+    seed: int = 0,
+    at_least: int = 1,
+) -> list[VideoRow]:
+    """Manifest rows of a folder of class folders (`folder/<class>/.../<clip>.<video suffix>`):
+    the classes shuffled with `seed` and split whole into train, val and test (`split_sizes`),
+    rows by split, class and path; video ids `<class>_<clip path without suffix>`."""
+    folder = absolute_path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: not a folder")
+    clips: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = sorted(p for p in sub.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES
+                       and p.is_file() and not p.name.startswith("."))  # fmt: skip
+        if found:
+            clips[sub.name] = found
+    if not clips:
+        raise ManifestError(
+            f"{folder}: no class folders with videos ({', '.join(sorted(VIDEO_SUFFIXES))}) in it"
+        )
+    names = sorted(clips)
+    train, val_n, _ = split_sizes(len(names), val, test, at_least)
+    order = np.random.default_rng(seed).permutation(len(names))
+    split_of = {}
+    for rank, i in enumerate(order):
+        split_of[names[i]] = "train" if rank < train else "val" if rank < train + val_n else "test"
+    checker, rows, seen = RowChecker(), [], {}
+    for split in SPLITS:
+        for name in (n for n in names if split_of[n] == split):
+            for path in clips[name]:
+                stem = path.relative_to(folder / name).with_suffix("").as_posix()
+                video_id = f"{name}_{stem.replace('/', '_')}"
+                if video_id in seen:
+                    raise ManifestError(
+                        f"{path}: video id {video_id!r} is also {seen[video_id]}'s; rename one"
+                    )
+                seen[video_id] = path
+                checker.check(str(path), video_id, str(path), name, split)
+                rows.append(VideoRow(len(rows), video_id, path, name, split))
+    return rows

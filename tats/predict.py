@@ -68,7 +68,7 @@ from tats.pipeline.ledger import Ledger
 from tats.pipeline.runner import RunSummary
 from tats.pipeline.status import done_rows
 from tats.pipeline.tracks import TracksConfig, TracksRecipe
-from tats.runtime import Runtime, inference_amp
+from tats.runtime import Runtime, device_line, inference_amp
 from tats.stores import FEATURES, TRACKS, RowStore
 
 Config = typing.TypeVar("Config")
@@ -124,7 +124,7 @@ def predict(
     weights: str | Path | None = None,
     backbone_options: dict | None = None,
     cluster_weights: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     tracks_batch: int = 1,
     features_batch: int = 4,
     workers: int = 2,
@@ -157,6 +157,7 @@ def predict(
     state = load_checkpoint(checkpoint)  # checked whole: nothing is extracted for a bad one
     saved = state["config"]
     rt = Runtime.setup(device, inference_amp(saved["amp"], device), workers, saved["prefetch"])
+    rt.log(f"model: {device_line(device, rt.device, rt.precision)}")
     recorded = recorded_stores(state, checkpoint)
     checker = RowChecker()  # video ids unique across both lists
     supports = read_clip_list(support, True, video_root, checker)

@@ -52,6 +52,33 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def pick_device(requested: str, cpu_only: bool = False) -> torch.device:
+    """The device a stage runs on: `requested` (auto: CUDA where there is one), except that a
+    stage that runs on the CPU only (the lk tracker) takes the CPU under auto."""
+    if requested == "auto" and cpu_only:
+        return torch.device("cpu")
+    return resolve_device(requested)
+
+
+def device_line(requested: str, device: torch.device, precision: str) -> str:
+    """Where a stage runs, as its one line says: "cuda:0 (NVIDIA H100 80GB HBM3), bf16", and
+    why it runs on the CPU where auto found no CUDA device."""
+    where = str(device)
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    note = ""
+    if requested == "auto" and device.type == "cpu":
+        note = " (--device auto: no CUDA device found)" if not torch.cuda.is_available() else (
+            " (it runs on the CPU only)"
+        )
+    return f"{where}, {precision}{note}"
+
+
+def announce(line: str) -> None:
+    """Print one line about what a stage picked (device, precision) as it starts."""
+    print(line, flush=True)
+
+
 def inference_amp(amp: str, device: str) -> str:
     """A checkpoint's amp mode for inference on `device`: fp16 autocast exists only on CUDA,
     so a model trained with it runs in full precision elsewhere."""
@@ -85,6 +112,13 @@ class Runtime:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def precision(self) -> str:
+        """"bf16 autocast", "fp16 autocast" or "fp32"."""
+        if self.amp_dtype is None:
+            return "fp32"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype] + " autocast"
 
     def log(self, message: str) -> None:
         if self.main:

@@ -60,7 +60,7 @@ from tats.evaluate import (
 from tats.fewshot import episode_loss, hausdorff_scores
 from tats.fixes import FIX_NAMES
 from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
-from tats.runtime import Runtime, amp_modes, autocast_dtype
+from tats.runtime import Runtime, amp_modes, autocast_dtype, device_line
 from tats.stores import StoreError
 from tats.train_config import TrainConfig
 
@@ -213,6 +213,7 @@ def train(config: TrainConfig) -> RunResult:
     train_amp, eval_amp = amp_modes(cfg.amp, cfg.device, cfg.fixes)
     rt = Runtime.setup(cfg.device, train_amp, cfg.workers, cfg.prefetch)
     eval_rt = dataclasses.replace(rt, amp_dtype=autocast_dtype(eval_amp, rt.device))
+    rt.log(f"train: {rt.world} x {device_line(cfg.device, rt.device, rt.precision)}")
     out = Path(cfg.out)
     last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
 

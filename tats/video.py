@@ -1,6 +1,7 @@
 """Video decoding: probe a file, resample it to the track time base, read frames as RGB.
 
-PyAV decodes; decord is the fallback for files PyAV cannot open (backend="auto").
+PyAV decodes; decord, an optional extra (`pip install 'tats[decord]'`), is the fallback for
+files PyAV cannot open (backend="auto").
 
 Frame numbering is "the n-th frame the decoder outputs", counted from 0. `probe` reports as
 `num_frames` the number of frames that actually decode:
@@ -450,7 +451,9 @@ def _decord_reader(path: Path):
     try:
         import decord
     except ImportError as err:
-        raise VideoError(path, f"decord is not installed ({err})") from None
+        raise VideoError(
+            path, f"decord is not installed ({err}; pip install 'tats[decord]')"
+        ) from None
     try:
         return decord.VideoReader(str(path), num_threads=1)
     except (decord.DECORDError, RuntimeError) as err:

@@ -484,7 +484,7 @@ def render_episode(
     split: str = "test",
     points: int = 12,
     side: int = 192,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> EpisodeMatch:
     """A PNG of how a checkpoint classified one query of one few-shot episode.
 
@@ -638,7 +638,7 @@ def render_queries(
     out: str | Path,
     config=None,
     weights: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     fps: float | None = 10.0,
     max_side: int | None = 512,
     side: int = 256,
@@ -663,7 +663,9 @@ def render_queries(
     size = decode_size(info.width, info.height, max_side)
     frames = read_frames(video, timeline(info, fps, (".webm",)), size=size)
     t, h, w = frames.shape[:3]
-    backbone = S.clustering_backbone(config.backbone, weights, device)
+    from tats.runtime import pick_device
+
+    backbone = S.clustering_backbone(config.backbone, weights, pick_device(device))
     chosen = S.clustering_frames(t, config.frames)
     features = backbone.encode([frames[chosen]]).cpu()
     queries, clusters, labels = S.select_queries(features, chosen, h, w, config)

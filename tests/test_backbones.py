@@ -213,7 +213,7 @@ def test_missing_weights_say_where_to_look(empty_caches):
     with pytest.raises(FileNotFoundError) as error:
         create_backbone("dinov2_vitb14_reg")
     message = str(error.value)
-    assert "--weights" in message
+    assert "--backbone-weights" in message
     url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
     assert url in message
     assert "timm/vit_base_patch14_reg4_dinov2.lvd142m" in message
@@ -303,8 +303,8 @@ def test_register_weights_given_to_a_plain_backbone_say_what_they_are(tmp_path, 
 
 
 def test_register_weights_on_the_command_line_exit_2_with_one_line(tmp_path, synth_small):
-    """`tats-extract features --backbone dinov2_vits14 --weights <reg4 file>`: exit 2, one line,
-    before any video is read (timm's conversion crashed here: exit 4)."""
+    """`tats-extract features --backbone dinov2_vits14 --backbone-weights <reg4 file>`: exit 2,
+    one line, before any video is read (timm's conversion crashed here: exit 4)."""
     from typer.testing import CliRunner
 
     from tats.cli.extract import app
@@ -314,7 +314,7 @@ def test_register_weights_on_the_command_line_exit_2_with_one_line(tmp_path, syn
     out = tmp_path / "features.zarr"
     result = CliRunner().invoke(app, [
         "features", "--manifest", str(synth_small), "--out", str(out), "--backbone",
-        "dinov2_vits14", "--weights", str(reg_file), "--workers", "0", "--no-progress",
+        "dinov2_vits14", "--backbone-weights", str(reg_file), "--workers", "0", "--no-progress",
     ])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == (

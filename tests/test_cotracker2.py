@@ -79,7 +79,7 @@ def test_tats_extract_with_a_cotracker2_checkpoint_exits_2_naming_it(tmp_path):
     out = tmp_path / "tracks.zarr"
     run = subprocess.run(
         [EXTRACT, "tracks", "--manifest", str(manifest), "--out", str(out),
-         "--tracker", "cotracker3", "--checkpoint", str(tmp_path / "cotracker2.pth"),
+         "--tracker", "cotracker3", "--tracker-weights", str(tmp_path / "cotracker2.pth"),
          "--workers", "0", "--no-progress"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -184,7 +184,7 @@ def test_weights_come_from_the_checkpoint_else_the_hub_cache(weights, hub_checkp
     with pytest.raises(CheckpointError) as err:
         create_tracker("cotracker3", model_resolution=RES)
     message = str(err.value)
-    assert "--checkpoint" in message and CHECKPOINT_URL.format("scaled_offline.pth") in message
+    assert "--tracker-weights" in message and CHECKPOINT_URL.format("scaled_offline.pth") in message
     assert str(hub_checkpoints / "scaled_offline.pth") in message
     with pytest.raises(CheckpointError, match="nowhere.pth: CoTracker3 checkpoint not found"):
         create_tracker("cotracker3", checkpoint="nowhere.pth")
@@ -401,7 +401,7 @@ def test_tats_extract_tracks_with_cotracker3_fills_the_store(tmp_path):
             str(out),
             "--tracker",
             "cotracker3",
-            "--checkpoint",
+            "--tracker-weights",
             str(tmp_path / "W.pth"),
             "--grid",
             "4",

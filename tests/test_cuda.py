@@ -271,7 +271,7 @@ def test_torchrun_two_ranks_over_nccl(synth_stores, tmp_path):
     launcher.write_text("from tats.cli.train import app\n\napp()\n")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(launcher), "--config", str(config_file)],
+         str(launcher), "--train-config", str(config_file)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip

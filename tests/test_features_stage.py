@@ -64,7 +64,7 @@ def test_dinov2_through_the_command_equals_a_direct_timm_forward(dataset, tmp_pa
     torch.save(model.state_dict(), weights)
     manifest = _two_videos(dataset, tmp_path)
     out = tmp_path / "features.zarr"
-    options = ["--backbone", "dinov2_vits14", "--weights", str(weights), "--views", "2"]
+    options = ["--backbone", "dinov2_vits14", "--backbone-weights", str(weights), "--views", "2"]
     code, _, stderr = finish(start("features", manifest, out, *options, "--no-progress"))
     assert code == 0, stderr
     store = RowStore.open(out)
@@ -94,7 +94,7 @@ def test_official_dinov2_weights_load_through_the_command(dataset, tmp_path):
     torch.save(state, weights)
     manifest = _two_videos(dataset, tmp_path)
     out = tmp_path / "features.zarr"
-    options = ["--backbone", "dinov2_vits14", "--weights", str(weights), "--no-progress"]
+    options = ["--backbone", "dinov2_vits14", "--backbone-weights", str(weights), "--no-progress"]
     code, _, stderr = finish(start("features", manifest, out, *options))
     assert code == 0, stderr
     row = read_manifest(manifest).rows[1]

@@ -358,13 +358,13 @@ def test_backbone_weights_must_be_the_training_stores(synth_dataset, tmp_path):
     query = write_list(tmp_path / "query.csv", [clips[1]])
     args = ["--checkpoint", run.best_checkpoint, "--support", support, "--query", query]
 
-    code, _, stderr = invoke(*args, "--out", tmp_path / "other", "--weights", other)
+    code, _, stderr = invoke(*args, "--out", tmp_path / "other", "--backbone-weights", other)
     line = one_line_error(code, stderr)
     assert (f"the backbone weights here (sha256 {file_sha256(other)}) are not those of the "
             f"stores {run.best_checkpoint} was trained on (sha256 {file_sha256(weights)})"
             ) in line  # fmt: skip
     assert not (tmp_path / "other").exists()  # refused before anything was written
-    code, stdout, stderr = invoke(*args, "--out", tmp_path / "same", "--weights", weights)
+    code, stdout, stderr = invoke(*args, "--out", tmp_path / "same", "--backbone-weights", weights)
     assert code == 0, stdout + stderr
     assert len(read_predictions(tmp_path / "same" / "predictions.csv")) == 1
     shutil.rmtree(tmp_path / "same")

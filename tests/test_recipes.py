@@ -372,7 +372,7 @@ def test_a_bad_recipe_name_is_bad_input(tmp_path):
 
 def test_tats_train_takes_a_recipe(synth_stores, tmp_path):
     """tats-train --recipe (a shipped name or a TOML file): the recipe's training options under
-    --config and the command line (the stores are the caller's)."""
+    --train-config and the command line (the stores are the caller's)."""
     recipe = tmp_path / "mine.toml"
     text = (RECIPES / "tats/k100.toml").read_text()
     recipe.write_text(
@@ -384,7 +384,7 @@ def test_tats_train_takes_a_recipe(synth_stores, tmp_path):
     small.write_text(json.dumps({**TINY, "val_episodes": 2}))
     out = tmp_path / "train"
     result = subprocess.run(
-        [TATS_TRAIN, "--recipe", str(recipe), "--config", str(small), "--tracks",
+        [TATS_TRAIN, "--recipe", str(recipe), "--train-config", str(small), "--tracks",
          str(synth_stores.tracks), "--features", str(synth_stores.features), "--manifest",
          str(synth_stores.manifest), "--out", str(out), "--test-episodes", "4"],
         capture_output=True, text=True, timeout=600,

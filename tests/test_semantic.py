@@ -193,7 +193,7 @@ def test_tats_viz_queries_draws_the_clusters_and_points_of_a_real_clip(real_clip
     out = tmp_path / "queries.png"
     run = subprocess.run(
         [str(Path(EXTRACT).parent / "tats"), "viz", "queries", "--video", str(real_clip),
-         "--out", str(out), "--backbone", "pixels", "--size", "128", "--max-clusters", "5"],
+         "--out", str(out), "--cluster-backbone", "pixels", "--size", "128", "--max-clusters", "5"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -205,7 +205,7 @@ def test_tats_viz_queries_draws_the_clusters_and_points_of_a_real_clip(real_clip
     assert height == HEADER + -(-len(shown) // 4) * (tile_h + 2) - 2
     bad = subprocess.run(
         [str(Path(EXTRACT).parent / "tats"), "viz", "queries", "--video", str(tmp_path / "no.mp4"),
-         "--out", str(out), "--backbone", "pixels"], capture_output=True, text=True,
+         "--out", str(out), "--cluster-backbone", "pixels"], capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "no.mp4" in bad.stderr
 

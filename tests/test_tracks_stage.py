@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from stage_helpers import (
@@ -155,6 +156,41 @@ def test_sbatch_checks_the_stage_options_first(tracks_dataset, tmp_path):
         )  # fmt: skip
         assert run.returncode == 2 and "the array task picks its share" in run.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_an_sbatch_script_runs_the_same_from_any_folder(
+    tracks_dataset, tracks_reference, tmp_path
+):
+    """Relative paths on the command line (and an old option name) become absolute paths (and
+    the new name) in the script, which changes to the folder it was written from: run from
+    another folder, as a resubmitted task may be, it builds the store it was written for."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "videos").symlink_to(tracks_dataset.parent)
+    written = subprocess.run(
+        [EXTRACT, "sbatch", "tracks", "--tasks", "1", "--script", "tracks.sbatch", "--",
+         "--manifest", f"videos/{tracks_dataset.name}", "--out", "tracks.zarr",
+         "--checkpoint=none.pth", *LK_OPTIONS, "--workers", "0"],
+        cwd=project, capture_output=True, text=True,
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    script = (project / "tracks.sbatch").read_text()
+    command = script.splitlines()[-1]
+    assert f"cd {project}" in script.splitlines()
+    assert command.startswith(f"exec {Path(EXTRACT).absolute()} tracks ")
+    assert f"--manifest {project / 'videos' / tracks_dataset.name} " in command
+    assert f"--out {project / 'tracks.zarr'} " in command
+    weights = f" --tracker-weights={project / 'none.pth'}"
+    assert weights in command and "--checkpoint" not in command
+    # the lk tracker takes no weights: drop them, then run the script from elsewhere
+    (project / "tracks.sbatch").write_text(script.replace(weights, ""))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = subprocess.run(["bash", str(project / "tracks.sbatch")], cwd=elsewhere,
+                         capture_output=True, text=True)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert_same(arrays(project / "tracks.zarr"), tracks_reference)
+    assert not any(elsewhere.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -36,10 +36,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def kill_mid_epoch_2(command: list[str], config_file: Path, env: dict | None = None) -> None:
-    """Run `command --config config_file` (a 3-epoch run of 10 episodes, logging every 2) and
+    """Run `command --train-config config_file` (a 3-epoch run of 10 episodes, logging every 2) and
     SIGKILL it mid-epoch 2, after epoch 1's checkpoint."""
     proc = subprocess.Popen(
-        [*command, "--config", str(config_file)], stdout=subprocess.PIPE,
+        [*command, "--train-config", str(config_file)], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     lines = []
@@ -128,7 +128,7 @@ def test_method_presets_fill_only_the_options_not_given(synth_stores, tmp_path):
     cli = CliRunner().invoke(app, [
         "--tracks", str(synth_stores.tracks), "--features", str(synth_stores.features),
         "--manifest", str(synth_stores.manifest), "--out", str(tmp_path / "cli"),
-        "--config", str(config_file), "--method", "trokens", "--workers", "0", "--way", "3",
+        "--train-config", str(config_file), "--method", "trokens", "--workers", "0", "--way", "3",
         "--train-queries", "2",
     ])  # fmt: skip
     assert cli.exit_code == 2, cli.output
@@ -238,7 +238,7 @@ def test_resume_after_kill_continues_to_the_same_weights(synth_stores, tmp_path)
     kill_mid_epoch_2([TATS_TRAIN], config_file, {**os.environ, "OMP_NUM_THREADS": "1"})
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] == 1
 
-    cli = run_cli("--config", str(config_file))
+    cli = run_cli("--train-config", str(config_file))
     assert cli.returncode == 2 and "already holds a run; pass --resume" in cli.stderr
     resumed = train(config(synth_stores, killed, resume=True, **options))
     a = load_checkpoint(straight.last_checkpoint)
@@ -309,7 +309,7 @@ def test_cli_errors_are_one_line(synth_stores, tmp_path):
         (["--manifest", str(tmp_path / "missing.csv")], "missing.csv: cannot read"),
         (["--manifest", str(synth_stores.manifest), "--eval-only"], "needs --checkpoint"),
         (["--manifest", str(synth_stores.manifest), "--lr-steps", "a,b"], "--lr-steps"),
-        (["--manifest", str(synth_stores.manifest), "--config", str(tmp_path / "no.toml")],
+        (["--manifest", str(synth_stores.manifest), "--train-config", str(tmp_path / "no.toml")],
          "no.toml: cannot read"),
     ]:  # fmt: skip
         result = runner.invoke(app, args + extra)

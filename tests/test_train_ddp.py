@@ -29,7 +29,7 @@ def test_torchrun_two_ranks_draw_distinct_episodes(synth_stores, tmp_path):
     config_file.write_text(json.dumps(options))
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-         str(BIN / "tats-train"), "--config", str(config_file)],
+         str(BIN / "tats-train"), "--train-config", str(config_file)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -74,7 +74,7 @@ def test_torchrun_two_ranks_draw_distinct_episodes(synth_stores, tmp_path):
     more = json.dumps({**options, "epochs": 3, "resume": True})
     config_file.write_text(more)
     alone_run = subprocess.run(
-        [str(BIN / "tats-train"), "--config", str(config_file)],
+        [str(BIN / "tats-train"), "--train-config", str(config_file)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert alone_run.returncode == 2, alone_run.stdout + alone_run.stderr

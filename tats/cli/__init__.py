@@ -2,7 +2,9 @@
 
 import typer
 
-from tats.cli import extract, manifest, predict, report, run, synth, train, viz
+from tats.cli import extract, manifest, predict, report, run, synth, train, viz, weights
+from tats.cli.common import Command, renamed
+from tats.cli.options import RENAMED
 
 app = typer.Typer(
     help="Few-shot action recognition with trajectory-aligned tokens: manifests, synthetic data, "
@@ -13,10 +15,11 @@ app = typer.Typer(
 )
 app.add_typer(manifest.app, name="manifest")
 app.add_typer(extract.app, name="extract")
-app.command("train", help=train.HELP)(train.main)
-app.command("synth")(synth.synth)
-app.command("run")(run.run)
-app.command("recipes")(run.recipes)
-app.command("predict", help=predict.HELP)(predict.predict)
+app.command("train", help=train.HELP, cls=renamed(**RENAMED["train"]))(train.main)
+app.command("synth", cls=Command)(synth.synth)
+app.command("run", cls=renamed(**RENAMED["run"]))(run.run)
+app.command("recipes", cls=Command)(run.recipes)
+app.command("predict", help=predict.HELP, cls=renamed(**RENAMED["predict"]))(predict.predict)
 app.add_typer(viz.app, name="viz")
-app.command("report")(report.report)
+app.command("report", cls=Command)(report.report)
+app.add_typer(weights.app, name="weights")

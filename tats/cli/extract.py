@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import typer
 
 from tats.cli import options as opt
@@ -13,9 +12,14 @@ from tats.cli.common import (
     INFRASTRUCTURE,
     OK,
     SOME_FAILED,
+    Command,
     fail,
     graceful_termination,
     input_errors,
+    is_click_exception,
+    rename_options,
+    renamed,
+    value_name,
 )
 
 # Literal copies keep `--help` fast: importing the backbones module pulls in torch.
@@ -77,7 +81,7 @@ def _finish(summary, what: str) -> None:
     raise typer.Exit(SOME_FAILED if summary.failures else OK)
 
 
-@app.command()
+@app.command(cls=renamed(**opt.RENAMED["tracks"]))
 def tracks(
     manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="The tracks store (a .zarr folder)."),
@@ -88,7 +92,7 @@ def tracks(
         "(OpenCV Lucas-Kanade, no weights), or official (the official cotracker package: "
         "CoTracker3, or the TATs paper's CoTracker2 with --tracker-option model=cotracker2).",
     ),
-    checkpoint: Path | None = opt.TRACKER_CHECKPOINT,
+    tracker_weights: Path | None = opt.TRACKER_WEIGHTS,
     tracker_option: list[str] = opt.TRACKER_OPTION,
     grid: int = typer.Option(16, help="Grid size G: G x G points at every query frame."),
     queries: str = typer.Option(
@@ -98,28 +102,29 @@ def tracks(
         "options below).",
     ),
     cluster_method: str | None = typer.Option(
-        None, help="Semantic queries: bipartite (token merging) or kmeans [default: bipartite]."
+        None, help="Semantic queries: bipartite (token merging) or kmeans.",
+        show_default="bipartite",
     ),
     cluster_frames: int | None = typer.Option(
-        None, help="Semantic queries: frames clustered, uniformly spread [default: 32]."
+        None, help="Semantic queries: frames clustered, uniformly spread.", show_default="32"
     ),
     merge_threshold: float | None = typer.Option(
         None, help="Semantic queries, bipartite: a later frame's centroid is a new cluster when "
-        "its best cosine similarity to the clusters so far is below this [default: 0.2]."
+        "its best cosine similarity to the clusters so far is below this.", show_default="0.2"
     ),
     kmeans_clusters: int | None = typer.Option(
-        None, help="Semantic queries, kmeans: the number of clusters [default: 32]."
+        None, help="Semantic queries, kmeans: the number of clusters.", show_default="32"
     ),
     points_per_cluster: int | None = typer.Option(
-        None, help="Semantic queries: query points per cluster [default: 16]."
+        None, help="Semantic queries: query points per cluster.", show_default="16"
     ),
     max_clusters: int | None = typer.Option(
         None, help="Semantic queries: clusters kept, the largest (the store has room for "
-        "max-clusters x points-per-cluster points) [default: 32]."
+        "max-clusters x points-per-cluster points).", show_default="32"
     ),
     cluster_backbone: str | None = typer.Option(
         None, help="Semantic queries: the features clustered, a --backbone of the features "
-        "stage (pixels: weight-free) [default: dinov2_vitb14]."
+        "stage (pixels: weight-free).", show_default="dinov2_vitb14"
     ),
     cluster_weights: Path | None = opt.CLUSTER_WEIGHTS,
     frames: int = opt.FRAMES,
@@ -130,7 +135,8 @@ def tracks(
     ),
     subset: int = typer.Option(256, help="Points in the fixed per-video subset training reads."),
     max_points: int | None = typer.Option(
-        None, help="Room for kept points [default: G^2 x query frames; needed for interval:k]."
+        None, help="Room for kept points (needed for interval:k).",
+        show_default="G^2 x query frames",
     ),
     max_side: int = typer.Option(
         512, help="Decode frames with their longer side at most this many px (0: native size); "
@@ -140,7 +146,7 @@ def tracks(
     shard_index: int | None = opt.SHARD_INDEX,
     num_shards: int | None = opt.NUM_SHARDS,
     workers: int = opt.WORKERS,
-    batch_videos: int = typer.Option(1, help="Videos per tracker call."),
+    tracks_batch: int = opt.TRACKS_BATCH,
     device: str = opt.DEVICE,
     executor: str = opt.EXECUTOR,
     scheduler: str | None = opt.SCHEDULER,
@@ -189,11 +195,11 @@ def tracks(
             rows,
             out,
             config,
-            checkpoint=checkpoint,
+            checkpoint=tracker_weights,
             tracker_options=parse_options(tracker_option),
             device=device,
             workers=workers,
-            batch_videos=batch_videos,
+            batch_videos=tracks_batch,
             cluster_weights=cluster_weights,
             shard_index=shard_index,
             num_shards=num_shards,
@@ -207,7 +213,7 @@ def tracks(
     _finish(summary, "tracks")
 
 
-@app.command()
+@app.command(cls=renamed(**opt.RENAMED["features"]))
 def features(
     manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="The features store (a .zarr folder)."),
@@ -216,7 +222,7 @@ def features(
         "dinov2_vitb14",
         help="dinov2_vit{s,b,l}14[_reg] (DINOv2 through timm) or pixels (weight-free).",
     ),
-    weights: Path | None = opt.BACKBONE_WEIGHTS,
+    backbone_weights: Path | None = opt.BACKBONE_WEIGHTS,
     frames: int = opt.FRAMES,
     fps: float = opt.FPS,
     webm_native: bool = opt.WEBM_NATIVE,
@@ -227,18 +233,24 @@ def features(
     ),
     augment_ops: int = typer.Option(2, help="RandAugment ops per augmented view."),
     augment_magnitude: float = typer.Option(10.0, help="RandAugment magnitude (0..10)."),
-    image_size: int = typer.Option(224, help="Frames are squashed to this size."),
+    image_size: int = typer.Option(
+        224, help="The backbone's input: frames are squashed to this many px square."
+    ),
     max_side: int = typer.Option(
         512, help="Decode frames with their longer side at most this many px, their shorter "
         "side no smaller than --image-size (0: native size)."
     ),
-    mean: tuple[float, float, float] = typer.Option(CLIP_MEAN, help="Normalisation mean (RGB)."),
-    std: tuple[float, float, float] = typer.Option(CLIP_STD, help="Normalisation std (RGB)."),
+    mean: tuple[float, float, float] = typer.Option(
+        CLIP_MEAN, help="Normalisation mean (RGB).", metavar="R G B"
+    ),
+    std: tuple[float, float, float] = typer.Option(
+        CLIP_STD, help="Normalisation std (RGB).", metavar="R G B"
+    ),
     shard_size: int = opt.SHARD_SIZE,
     shard_index: int | None = opt.SHARD_INDEX,
     num_shards: int | None = opt.NUM_SHARDS,
     workers: int = opt.WORKERS,
-    batch_videos: int = typer.Option(4, help="Videos per backbone forward."),
+    features_batch: int = opt.FEATURES_BATCH,
     device: str = opt.DEVICE,
     executor: str = opt.EXECUTOR,
     scheduler: str | None = opt.SCHEDULER,
@@ -270,10 +282,10 @@ def features(
             rows,
             out,
             config,
-            weights=weights,
+            weights=backbone_weights,
             device=device,
             workers=workers,
-            batch_videos=batch_videos,
+            batch_videos=features_batch,
             shard_index=shard_index,
             num_shards=num_shards,
             executor=executor,
@@ -286,7 +298,7 @@ def features(
     _finish(summary, "features")
 
 
-@app.command()
+@app.command(cls=Command)
 def status(
     store: Path = typer.Argument(..., help="A tracks or features store."),
     lease_timeout: float = opt.LEASE_TIMEOUT,
@@ -313,7 +325,7 @@ def status(
         typer.echo(f"  dead holder: {lease}")
 
 
-@app.command()
+@app.command(cls=Command)
 def verify(
     store: Path = typer.Argument(..., help="A tracks or features store."),
     allow_incomplete: bool = typer.Option(
@@ -353,7 +365,7 @@ def verify(
     typer.echo(f"{store}: sound and complete")
 
 
-@app.command()
+@app.command(cls=Command)
 def diff(
     a: Path = typer.Argument(..., help="A tracks or features store."),
     b: Path = typer.Argument(..., help="A store of the same kind, made for the same manifest."),
@@ -397,7 +409,9 @@ def diff(
     raise typer.Exit(SOME_FAILED if reasons else OK)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    cls=Command, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
 def sbatch(
     ctx: typer.Context,
     stage: str = typer.Argument(..., help="The stage to run: tracks or features."),
@@ -406,10 +420,13 @@ def sbatch(
         "this count, so a task resubmitted alone with --array=K keeps its share)."
     ),
     script: Path | None = typer.Option(
-        None, help="Where to write the script [default: tats-STAGE.sbatch here]."
+        None, help="Where to write the script.",
+        show_default="tats-STAGE.sbatch in the current folder",
     ),
     partition: str | None = typer.Option(None, help="Slurm partition."),
-    time: str | None = typer.Option(None, help="Time limit per task, e.g. 12:00:00."),
+    time: str | None = typer.Option(
+        None, help="Time limit per task in Slurm's form, e.g. 12:00:00 for 12 hours."
+    ),
     cpus_per_task: int | None = typer.Option(None, help="CPUs per task (decoders + 1)."),
     gpus_per_task: int | None = typer.Option(None, help="GPUs per task."),
     mem: str | None = typer.Option(None, help="Memory per task, e.g. 32G."),
@@ -419,20 +436,26 @@ def sbatch(
 ) -> None:
     """Write a Slurm job-array script running STAGE; options after `--` go to the stage.
 
-    Example: tats-extract sbatch tracks --tasks 32 --gpus-per-task 1 --submit --
-    --manifest m.csv --out tracks.zarr --tracker cotracker3 --device cuda
+    Example: tats-extract sbatch tracks --tasks 32 --gpus-per-task 1 --time 12:00:00 --submit
+    -- --manifest m.csv --out tracks.zarr (the script holds absolute paths and changes to this
+    folder; `tats run --plan --time-limit 12:00:00` says how many tasks a limit needs)
     """
     from tats.pipeline import slurm
 
-    args = list(ctx.args)
     if stage not in ("tracks", "features"):
         raise fail(f"unknown stage {stage!r}; use tracks or features")
-    with input_errors():
-        command_line = slurm.stage_command(stage, args, tasks)
     command = typer.main.get_command(app).get_command(ctx, stage)
+    args = rename_options(list(ctx.args), command.renamed)  # the script uses the new names
+    paths = {
+        name for param in command.params if value_name(param) == "PATH" for name in param.opts
+    }
+    with input_errors():
+        command_line = slurm.stage_command(stage, args, tasks, paths)
     try:  # check the stage's options now, not in every task of the array
         command.make_context(stage, list(args))
-    except click.exceptions.ClickException as error:
+    except Exception as error:
+        if not is_click_exception(error) or not hasattr(error, "format_message"):
+            raise
         raise fail(f"{stage} options: {error.format_message()}") from None
     with input_errors():
         options = slurm.SlurmOptions(
@@ -448,18 +471,18 @@ def sbatch(
         )
         script = script or Path(f"tats-{stage}.sbatch")
         logs.mkdir(parents=True, exist_ok=True)
-        script.write_text(slurm.sbatch_script(command_line, options))
+        script.write_text(slurm.sbatch_script(command_line, options, Path.cwd()))
         typer.echo(f"wrote {script} ({tasks} array tasks, logs in {logs}/)")
         if submit:
             typer.echo(f"submitted job {slurm.submit(script)}")
 
 
-@app.command("import-tracks")
+@app.command("import-tracks", cls=Command)
 def import_tracks(
     source: tuple[str, Path] = typer.Option(
-        ..., "--from", help="LAYOUT DIR: tats-pkl or trokens-pkl, and the folder of the "
-        "original extraction's per-video pickles (<video name>.pkl, searched recursively).",
-        show_default=False,
+        ..., "--from", help="tats-pkl or trokens-pkl, and the folder of the original "
+        "extraction's per-video pickles (<video name>.pkl, searched recursively).",
+        show_default=False, metavar="LAYOUT DIR",
     ),
     manifest: Path = opt.MANIFEST,
     out: Path = typer.Option(..., "--out", "-o", help="The tracks store to write."),
@@ -481,12 +504,12 @@ def import_tracks(
     fps: float = opt.FPS,
     webm_native: bool = opt.WEBM_NATIVE,
     min_distance: float = typer.Option(
-        16.0, help="tats-pkl: the redundancy filter, applied as extraction applies it (the "
-        "pickles hold the points it kept)."
+        16.0, help="tats-pkl: the redundancy filter's distance in px, applied as extraction "
+        "applies it (the pickles hold the points it kept)."
     ),
     subset: int = typer.Option(256, help="Points in the fixed per-video subset training reads."),
     max_points: int | None = typer.Option(
-        None, help="tats-pkl: room for kept points [default: G^2 x query frames]."
+        None, help="tats-pkl: room for kept points.", show_default="G^2 x query frames"
     ),
     shard_size: int = opt.SHARD_SIZE,
     workers: int = typer.Option(2, help="Processes reading pickles ahead (0: inline)."),
@@ -523,7 +546,7 @@ def import_tracks(
     _finish(summary, "import")
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 def export(
     store: Path = typer.Argument(..., help="A tracks or features store."),
     out: Path = typer.Argument(..., help="The HDF5 file (h5), or the folder of .npz files."),
@@ -548,7 +571,7 @@ def export(
             typer.echo(f"wrote {len(export_npz(store, rows, out))} videos to {out}")
 
 
-@app.command("import-h5")
+@app.command("import-h5", cls=Command)
 def import_h5(
     source: Path = typer.Argument(..., help="An HDF5 file written by `export --format h5`."),
     out: Path = typer.Option(..., "--out", "-o", help="The store to make (must not exist)."),

@@ -32,14 +32,17 @@ def predict(
     query: Path = typer.Option(..., help="CSV video_id,path[,label]: the clips to classify."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (stores, predictions)."),
     video_root: Path | None = opt.VIDEO_ROOT,
-    tracker_checkpoint: Path | None = opt.TRACKER_CHECKPOINT,
+    tracker_weights: Path | None = opt.TRACKER_WEIGHTS,
     tracker_option: list[str] = opt.TRACKER_OPTION,
-    weights: Path | None = opt.BACKBONE_WEIGHTS,
+    backbone_weights: Path | None = opt.BACKBONE_WEIGHTS,
     cluster_weights: Path | None = opt.CLUSTER_WEIGHTS,
-    device: str = opt.DEVICE,
+    device: str = typer.Option(
+        "auto", help="Where the tracker, the backbone and the few-shot model run: auto (CUDA "
+        "where there is one, else the CPU), cpu, cuda, cuda:1, ..."
+    ),
     workers: int = typer.Option(2, help="Decoding processes (and clip readers for the model)."),
-    tracks_batch: int = typer.Option(1, help="Videos per tracker call."),
-    features_batch: int = typer.Option(4, help="Videos per backbone forward."),
+    tracks_batch: int = opt.TRACKS_BATCH,
+    features_batch: int = opt.FEATURES_BATCH,
     batch_clips: int = typer.Option(32, help="Clips per model forward."),
     video_timeout: float = opt.VIDEO_TIMEOUT,
     executor: str = opt.EXECUTOR,
@@ -53,8 +56,8 @@ def predict(
     with graceful_termination(), input_errors():
         result = run_predict(
             checkpoint, support, query, out, video_root=video_root,
-            tracker_checkpoint=tracker_checkpoint, tracker_options=parse_options(tracker_option),
-            weights=weights, cluster_weights=cluster_weights, device=device,
+            tracker_checkpoint=tracker_weights, tracker_options=parse_options(tracker_option),
+            weights=backbone_weights, cluster_weights=cluster_weights, device=device,
             tracks_batch=tracks_batch,
             features_batch=features_batch, workers=workers, batch_clips=batch_clips,
             progress=progress, executor=executor, scheduler=scheduler,

@@ -17,7 +17,8 @@ def report(
         "the wall time up to now as well.",
     ),
     video_id: str | None = typer.Option(
-        None, "--video-id", help="The test clip whose tracks are drawn [default: the first]."
+        None, "--video-id", help="The test clip whose tracks are drawn.",
+        show_default="the first",
     ),
 ) -> None:
     """Write RUN_DIR/report.md: test accuracy of every model trained in the folder (mean +-

@@ -25,21 +25,40 @@ def run(
         "recipe TOML file: its values where no option below is given.",
     ),
     print_config: bool = typer.Option(
-        False, "--print-config", help="Print the resolved config (JSON) and exit; no work."
+        False, "--print-config", help="Check the run as a run would (values, names, weights, "
+        "splits, videos, disk), print its resolved config (JSON) and exit; no work."
+    ),
+    plan: bool = typer.Option(
+        False, "--plan", help="Extract a handful of the manifest's clips with the resolved "
+        "settings on this device, time the model, and print what the whole run will cost: "
+        "time per stage, store sizes and files, peak memory, Slurm array sizes; no work in OUT."
+    ),
+    plan_clips: int = typer.Option(8, help="--plan: clips extracted to measure."),
+    time_limit: str | None = typer.Option(
+        None, help="--plan: a Slurm wall-time limit per task (e.g. 12:00:00 for 12 hours): "
+        "the array size each stage needs under it."
+    ),
+    plan_json: Path | None = typer.Option(
+        None, help="--plan: also write the plan, with what it was measured from, as JSON."
     ),
     video_root: Path | None = opt.VIDEO_ROOT,
     method: str | None = typer.Option(
         None,
-        help="tats [default] or trokens: sets --queries and the training options that make the "
-        "method (tats-train --method), where not given.",
+        help="tats or trokens: sets --queries and the training options that make the method "
+        "(tats-train --method), where not given.",
+        show_default="tats",
     ),
-    tracker: str | None = typer.Option(None, help="Point tracker: cotracker3 [default], lk, ..."),
+    tracker: str | None = typer.Option(
+        None, help="Point tracker: cotracker3, cotracker3-online, lk, official.",
+        show_default="cotracker3",
+    ),
     queries: str | None = typer.Option(
         None,
-        help="Query points of the tracks: uniform:K (TATs: uniform:8, the default), semantic "
-        "(Trokens: clusters of --backbone's features), beginning, middle, interval:k.",
+        help="Query points of the tracks: uniform:K (TATs), semantic (Trokens: clusters of "
+        "--backbone's features), beginning, middle, interval:k.",
+        show_default="uniform:8",
     ),
-    checkpoint: Path | None = opt.TRACKER_CHECKPOINT,
+    tracker_weights: Path | None = opt.TRACKER_WEIGHTS,
     tracker_option: list[str] = opt.TRACKER_OPTION,
     paper_tracker: bool = typer.Option(
         False,
@@ -47,36 +66,50 @@ def run(
         help="Track with the tracker of the paper's numbers where the recipe tracks with "
         "another (TATs: CoTracker2 through the official cotracker package).",
     ),
-    grid: int | None = typer.Option(None, help="Grid size G of the query grids [16]."),
-    subset: int | None = typer.Option(
-        None, help="Points in the fixed per-video subset training reads [256]."
+    grid: int | None = typer.Option(
+        None, help="Grid size G of the query grids.", show_default="16"
     ),
-    frames: int | None = typer.Option(None, help="Stored frames S of both stages [8]."),
+    subset: int | None = typer.Option(
+        None, help="Points in the fixed per-video subset training reads.", show_default="256"
+    ),
+    frames: int | None = typer.Option(
+        None, help="Stored frames S of both stages.", show_default="8"
+    ),
     fps: float | None = typer.Option(
         None,
-        help="Time base of both stages in frames per second; 0: every native frame "
-        "[default: 10, or the recipe's].",
-        show_default=False,
+        help="Time base of both stages in frames per second; 0: every native frame.",
+        show_default="10, or the recipe's",
     ),
     backbone: str | None = typer.Option(
-        None, help="Feature backbone: dinov2_vitb14 [default], dinov2_*, pixels."
+        None, help="Feature backbone: dinov2_vit{s,b,l}14[_reg], pixels (weight-free).",
+        show_default="dinov2_vitb14",
     ),
-    weights: Path | None = opt.BACKBONE_WEIGHTS,
+    backbone_weights: Path | None = opt.BACKBONE_WEIGHTS,
     views: int | None = typer.Option(
-        None, help="Feature views per video: 1 plain + augmented ones, drawn from in training [5]."
+        None, help="Feature views per video: 1 plain + augmented ones, drawn from in training.",
+        show_default="5",
     ),
-    device: str = opt.DEVICE,
+    device: str | None = typer.Option(
+        None, help="Where the tracker, the backbone and training run: auto (CUDA where there "
+        "is one, else the CPU; each stage prints what it picked), cpu, cuda, cuda:1, ...",
+        show_default="auto",
+    ),
     workers: int = opt.WORKERS,
+    tracks_batch: int = opt.TRACKS_BATCH,
+    features_batch: int = opt.FEATURES_BATCH,
     train_config: Path | None = typer.Option(
-        None, help="Training options (JSON or TOML, as for tats-train --config)."
+        None, help="Training options (JSON or TOML, as for tats-train --train-config)."
     ),
-    epochs: int | None = typer.Option(None, help="Training epochs [50]."),
-    episodes: int | None = typer.Option(None, help="Episodes per epoch [400]."),
-    shot: int | None = typer.Option(None, help="Support clips per class [1]."),
-    val_episodes: int | None = typer.Option(None, help="Val episodes per epoch [1000]."),
-    test_episodes: int | None = typer.Option(None, help="Test episodes [10000]."),
+    epochs: int | None = typer.Option(None, help="Training epochs.", show_default="50"),
+    episodes: int | None = typer.Option(None, help="Episodes per epoch.", show_default="400"),
+    shot: int | None = typer.Option(None, help="Support clips per class.", show_default="1"),
+    val_episodes: int | None = typer.Option(
+        None, help="Val episodes per epoch.", show_default="1000"
+    ),
+    test_episodes: int | None = typer.Option(None, help="Test episodes.", show_default="10000"),
     tracks_mode: str | None = typer.Option(
-        None, help="tracks [default], or frozen: the appearance-only baseline (tats-train)."
+        None, help="tracks, or frozen: the appearance-only baseline (tats-train).",
+        show_default="tracks",
     ),
     train_out: str = typer.Option(
         "train", help="Folder in --out that training writes (e.g. baseline for a second model)."
@@ -93,28 +126,30 @@ def run(
     (2: bad input, 3: the machine failed, 4: an error in tats itself, as for `tats-extract`).
     Each stage's wall time is added to OUT/timings.json (`tats report` shows it).
     """
-    from tats.chain import resolve_run, run_chain
+    from tats.chain import run_chain
 
-    def given(**values) -> dict:
-        return {k: v for k, v in values.items() if v is not None}
-
-    time = {} if fps is None else {"fps": fps or None}  # 0: every native frame
     with graceful_termination(), input_errors():
-        config = resolve_run(
-            manifest, out, recipe=recipe, train_file=train_config, method=method,
-            tracks=given(tracker=tracker, queries=queries, grid=grid, subset=subset, **time),
-            features=given(backbone=backbone, views=views, **time),
-            train=given(epochs=epochs, episodes=episodes, shot=shot, val_episodes=val_episodes,
-                        test_episodes=test_episodes, tracks_mode=tracks_mode),
-            frames=frames, paper_tracker=paper_tracker,
-            tracker_options=parse_options(tracker_option), video_root=video_root,
-            tracker_checkpoint=checkpoint,
-            weights=weights, device=device, workers=workers, progress=progress,
-            train_out=train_out, fixes=fixes, protocol=protocol,
-            command_line=opt.command_line(ctx),
-        )  # fmt: skip
+        config = run_config(locals(), opt.command_line(ctx))
+        if print_config or plan:  # after the same checks as a run
+            from tats.chain import planned_devices
+            from tats.manifest import read_manifest
+            from tats.preflight import check_run
+
+            rows = read_manifest(config.manifest, config.video_root)
+            check_run(config, rows)
         if print_config:
-            typer.echo(json.dumps(config.to_dict(), indent=1))
+            shown = {**config.to_dict(), "devices": planned_devices(config)}
+            typer.echo(json.dumps(shown, indent=1))
+            raise typer.Exit(OK)
+        if plan:
+            from tats.forecast import parse_clock, plan_run, write_json
+
+            limit = parse_clock(time_limit) if time_limit is not None else None
+            forecast = plan_run(config, rows, plan_clips)
+            for line in forecast.lines(limit):
+                typer.echo(line)
+            if plan_json is not None:
+                write_json(forecast, plan_json)
             raise typer.Exit(OK)
         for line in config.unhonoured:
             typer.echo(f"recipe {config.recipe}: not followed: {line}")
@@ -126,6 +161,33 @@ def run(
             f"results in {config.out / train_out}"
         )
     raise typer.Exit(SOME_FAILED if result.failed else OK)
+
+
+def run_config(options: dict, command_line: dict | None = None):
+    """The RunConfig that `tats run` with these parsed options runs (tats.chain.resolve_run):
+    the options given (not None) over the recipe's, the file's and the defaults;
+    `command_line`: what was typed, recorded in run.json."""
+    from tats.chain import resolve_run
+
+    o = options
+
+    def given(*names: str) -> dict:
+        return {name: o[name] for name in names if o[name] is not None}
+
+    time = {} if o["fps"] is None else {"fps": o["fps"] or None}  # 0: every native frame
+    return resolve_run(
+        o["manifest"], o["out"], recipe=o["recipe"], train_file=o["train_config"],
+        method=o["method"], tracks={**given("tracker", "queries", "grid", "subset"), **time},
+        features={**given("backbone", "views"), **time},
+        train=given("epochs", "episodes", "shot", "val_episodes", "test_episodes",
+                    "tracks_mode"),
+        frames=o["frames"], paper_tracker=o["paper_tracker"],
+        tracker_options=parse_options(o["tracker_option"]), video_root=o["video_root"],
+        tracker_checkpoint=o["tracker_weights"], weights=o["backbone_weights"],
+        device=o["device"], workers=o["workers"], tracks_batch=o["tracks_batch"],
+        features_batch=o["features_batch"], progress=o["progress"], train_out=o["train_out"],
+        fixes=o["fixes"], protocol=o["protocol"], command_line=command_line,
+    )  # fmt: skip
 
 
 def recipes() -> None:

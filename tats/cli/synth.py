@@ -21,7 +21,9 @@ def _frame_size(text: str) -> tuple[int, int]:
 
 
 def synth(
-    out: Annotated[Path, typer.Option("--out", help="Output folder (created if missing).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (created if missing).")
+    ],
     classes: Annotated[
         int,
         typer.Option(
@@ -36,7 +38,9 @@ def synth(
     size: Annotated[
         str, typer.Option(help="Frame size in pixels: S for SxS, or WxH; even numbers >= 32.")
     ] = str(_DEFAULT.width),
-    fps: Annotated[float, typer.Option(help="Frame rate written into the videos.")] = _DEFAULT.fps,
+    fps: Annotated[
+        float, typer.Option(help="Frame rate of the videos in frames per second.")
+    ] = _DEFAULT.fps,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same videos.")] = _DEFAULT.seed,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tats.cli import options as opt
-from tats.cli.common import input_errors
+from tats.cli.common import Command, input_errors, renamed
 
 app = typer.Typer(
     help="Pictures of a video's stored tracks (tracks), its patch features (features), a "
@@ -22,7 +22,7 @@ app = typer.Typer(
 VIDEO_ID = typer.Option(..., "--video-id", help="The video to draw.", show_default=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def tracks(
     tracks: Path = typer.Option(..., "--tracks", help="The tracks store.", show_default=False),
     manifest: Path = opt.MANIFEST,
@@ -33,8 +33,9 @@ def tracks(
     all_frames: bool = typer.Option(
         False,
         "--all-frames",
-        help="Every frame of the time base, each with the points of the "
-        "latest stored frame (nothing is tracked again) [default: the stored frames].",
+        help="Every frame of the time base, each with the points of the latest stored frame "
+        "(nothing is tracked again).",
+        show_default="the stored frames",
     ),
     points: str = typer.Option(
         "subset",
@@ -44,8 +45,8 @@ def tracks(
     max_points: int | None = typer.Option(
         None,
         help="Draw at most this many of them, evenly spread over the query frames (or "
-        "clusters) [default: no limit].",
-        show_default=False,
+        "clusters).",
+        show_default="no limit",
     ),
     trail: int = typer.Option(3, help="Trail length in stored frames."),
     size: int = typer.Option(256, help="Longer side of each frame in px."),
@@ -66,7 +67,7 @@ def tracks(
     typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=Command)
 def features(
     features: Path = typer.Option(
         ..., "--features", help="The features store.", show_default=False
@@ -88,7 +89,7 @@ def features(
     typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=Command)
 def episode(
     checkpoint: Path = typer.Option(
         ..., "--checkpoint", help="A tats-train checkpoint (best.pt).", show_default=False
@@ -104,7 +105,9 @@ def episode(
     split: str = typer.Option("test", help="train, val or test."),
     points: int = typer.Option(12, help="Query points whose matches are drawn per frame pair."),
     size: int = typer.Option(192, help="Longer side of each frame in px."),
-    device: str = typer.Option("cpu", help="Where the model runs."),
+    device: str = typer.Option(
+        "auto", help="Where the model runs: auto (CUDA where there is one), cpu, cuda, cuda:1, ..."
+    ),
 ) -> None:
     """Draw how the checkpoint classified one query of one episode: for the predicted class
     and the true class (the runner-up where the prediction is right), each query frame beside
@@ -125,27 +128,31 @@ def episode(
     typer.echo(f"wrote {result.path}")
 
 
-@app.command()
+@app.command(cls=renamed(**opt.RENAMED["viz queries"]))
 def queries(
     video: Path = typer.Option(..., "--video", help="A video file.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="x.png", show_default=False),
-    backbone: str = typer.Option(
+    cluster_backbone: str = typer.Option(
         "dinov2_vitb14", help="The features clustered (pixels: weight-free)."
     ),
-    weights: Path | None = typer.Option(None, help="The backbone's weights [default: its caches]."),
-    method: str = typer.Option("bipartite", help="bipartite (token merging) or kmeans."),
-    frames: int = typer.Option(32, help="Frames clustered, uniformly spread."),
-    threshold: float = typer.Option(
+    cluster_weights: Path | None = opt.CLUSTER_WEIGHTS,
+    cluster_method: str = typer.Option("bipartite", help="bipartite (token merging) or kmeans."),
+    cluster_frames: int = typer.Option(32, help="Frames clustered, uniformly spread."),
+    merge_threshold: float = typer.Option(
         0.2, help="bipartite: a later frame's centroid is a new cluster below this cosine."
     ),
     kmeans_clusters: int = typer.Option(32, help="kmeans: the number of clusters."),
     points_per_cluster: int = typer.Option(16, help="Query points per cluster."),
     max_clusters: int = typer.Option(32, help="Clusters kept, the largest."),
-    fps: float = typer.Option(10.0, help="Time base in frames per second; 0: native."),
-    max_side: int = typer.Option(512, help="Longer side the video is decoded at (0: native)."),
-    size: int = typer.Option(256, help="Longer side of each frame drawn, px."),
+    fps: float = opt.FPS,
+    max_side: int = typer.Option(
+        512, help="Decode frames with their longer side at most this many px (0: native size)."
+    ),
+    size: int = typer.Option(256, help="Longer side of each frame drawn in px."),
     columns: int = typer.Option(4, help="Frames per row."),
-    device: str = typer.Option("cpu", help="Where the backbone runs."),
+    device: str = typer.Option(
+        "auto", help="Where the backbone runs: auto (CUDA where there is one), cpu, cuda, ..."
+    ),
 ) -> None:
     """Draw the semantic query points of `tats-extract tracks --queries semantic` on a video:
     a tile per query frame, patches tinted by cluster, and the query points of the clusters
@@ -155,10 +162,11 @@ def queries(
 
     with input_errors():
         config = SemanticConfig(
-            method=method, frames=frames, threshold=threshold, kmeans_clusters=kmeans_clusters,
-            points_per_cluster=points_per_cluster, max_clusters=max_clusters, backbone=backbone,
+            method=cluster_method, frames=cluster_frames, threshold=merge_threshold,
+            kmeans_clusters=kmeans_clusters, points_per_cluster=points_per_cluster,
+            max_clusters=max_clusters, backbone=cluster_backbone,
         )  # fmt: skip
-        result = render_queries(video, out, config, weights, device, fps or None,
+        result = render_queries(video, out, config, cluster_weights, device, fps or None,
                                 max_side or None, size, columns)  # fmt: skip
     typer.echo(
         f"{result.clusters} clusters, {result.points} query points at frames "

@@ -220,7 +220,7 @@ def _find_dinov2_weights(name: str) -> Path:
     base = stem.removesuffix("_reg4")
     looked = "; ".join(description for description, _ in locations)
     raise FileNotFoundError(
-        f"no weights for backbone {name!r}: pass --weights PATH (the official "
+        f"no weights for backbone {name!r}: pass --backbone-weights PATH (the official "
         f"{DINOV2_URL}/{base}/{stem}_pretrain.pth, or model.safetensors of the Hugging Face "
         f"repo timm/{timm_name}.lvd142m; --backbone pixels needs no weights); looked in: {looked}"
     )
@@ -325,9 +325,6 @@ class Dinov2Backbone(Backbone):
         timm_name, stem = DINOV2_MODELS[name]
         path = Path(weights) if weights is not None else _find_dinov2_weights(name)
         state = _read_state_dict(path)
-        if "pos_embed" not in state:
-            raise ValueError(f"{path}: no 'pos_embed'; not a DINOv2 state dict")
-
         model = timm.create_model(
             timm_name,
             pretrained=False,
@@ -335,17 +332,7 @@ class Dinov2Backbone(Backbone):
             num_classes=0,
             **model_kwargs,
         )
-        # Weights of another model fail inside timm's conversion below with errors that name
-        # neither the file nor the model: compare the shapes first.
-        found = VitShape.of(state)
-        wanted = (model.num_features, len(model.blocks), self.patch_size,
-                  model.num_reg_tokens)  # fmt: skip
-        if found is None or (found.width, found.depth, found.patch, found.registers) != wanted:
-            looks = "not a ViT" if found is None else f"they look like {found.describe()}"
-            raise ValueError(
-                f"{path}: weights do not fit backbone {name!r} (width {wanted[0]}, {wanted[1]} "
-                f"blocks, {wanted[3] or 'no'} registers): {looks}"
-            )
+        _check_fits(path, name, state, model)
         state["pos_embed"] = resample_pos_embed_official(
             state["pos_embed"], model.patch_embed.grid_size, registers=stem.endswith("_reg4")
         )
@@ -384,6 +371,42 @@ for _name in DINOV2_MODELS:
     register_backbone(_name)(partial(Dinov2Backbone, _name))
 
 
+def _check_fits(path: Path, name: str, state: dict, model: torch.nn.Module) -> None:
+    """Weights of another model fail inside timm's conversion with errors that name neither
+    the file nor the model: compare the shapes first."""
+    if "pos_embed" not in state:
+        raise ValueError(f"{path}: no 'pos_embed'; not a DINOv2 state dict")
+    found = VitShape.of(state)
+    wanted = (model.num_features, len(model.blocks), Dinov2Backbone.patch_size,
+              model.num_reg_tokens)  # fmt: skip
+    if found is None or (found.width, found.depth, found.patch, found.registers) != wanted:
+        looks = "not a ViT" if found is None else f"they look like {found.describe()}"
+        raise ValueError(
+            f"{path}: weights do not fit backbone {name!r} (width {wanted[0]}, {wanted[1]} "
+            f"blocks, {wanted[3] or 'no'} registers): {looks}"
+        )
+
+
+def check_weights(name: str, weights: str | Path | None = None) -> Path | None:
+    """The weights file backbone `name` would load (`weights`, or the caches), read and
+    checked to fit its model, which is built on the meta device (nothing allocated or
+    initialised): what `tats run` checks before any work. None for `pixels` (no weights)."""
+    import timm
+
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    if name not in DINOV2_MODELS:
+        if weights is not None:
+            raise ValueError(f"backbone {name!r} has no weights; drop --backbone-weights")
+        return None
+    path = Path(weights) if weights is not None else _find_dinov2_weights(name)
+    state = _read_state_dict(path)
+    with torch.device("meta"):
+        model = timm.create_model(DINOV2_MODELS[name][0], pretrained=False, num_classes=0)
+    _check_fits(path, name, state, model)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # pixels
 
@@ -408,7 +431,7 @@ class PixelsBackbone(Backbone):
         preprocess: Preprocess | None = None,
     ) -> None:
         if weights is not None:
-            raise ValueError("backbone 'pixels' has no weights; drop --weights")
+            raise ValueError("backbone 'pixels' has no weights; drop --backbone-weights")
         super().__init__(preprocess, device)
         projection = np.random.default_rng(0).standard_normal((12, self.dim)) / math.sqrt(12)
         self.projection = torch.from_numpy(projection).float().to(self.device)

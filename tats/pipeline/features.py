@@ -31,6 +31,7 @@ from tats.pipeline.augment import AugmentConfig, augment_clip, view_seed
 from tats.pipeline.backbones import Backbone, Preprocess, create_backbone
 from tats.pipeline.executors import extract
 from tats.pipeline.runner import RunSummary
+from tats.runtime import announce, device_line, pick_device
 from tats.stores import FEATURES, RowStore, features_fields
 from tats.video import decode_size, probe, read_frames, stored_frames, timeline
 
@@ -146,19 +147,23 @@ class FeaturesRecipe:
 
     config: FeaturesConfig
     weights: str | None = None
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA where there is one
     batch_videos: int = 4
     backbone_options: tuple[tuple[str, object], ...] = ()
     name: str = "features"
 
     def build(self) -> FeaturesStage:
+        """The backbone on the device picked; says so in one line."""
+        device = pick_device(self.device)
         backbone = create_backbone(
             self.config.backbone,
             weights=self.weights,
-            device=self.device,
+            device=device,
             preprocess=self.config.preprocess,
             **dict(self.backbone_options),
         )
+        where = device_line(self.device, device, backbone.precision)
+        announce(f"{self.name}: {backbone.name} on {where}")
         return FeaturesStage(self.config, backbone, self.batch_videos)
 
     def open_store(self, out: str | Path, manifest: Manifest, stage: FeaturesStage) -> RowStore:
@@ -171,7 +176,7 @@ def extract_features(
     config: FeaturesConfig,
     *,
     weights: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_videos: int = 4,
     backbone_options: dict | None = None,
     **run,

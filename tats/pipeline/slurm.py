@@ -4,7 +4,9 @@ Each task runs the same command line, which fixes the array size it was written 
 (`--num-shards`); a task starts with share SLURM_ARRAY_TASK_ID of it (see plan.py), so a task
 resubmitted alone (`sbatch --array=3 script`) keeps its share, and leases keep it from
 redoing what the running tasks hold. Submitting the whole script again resumes: finished
-units are skipped, failed videos retried.
+units are skipped, failed videos retried. The script names every file by its absolute path
+and changes to the folder it was written from, so it runs the same from wherever it is
+submitted.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class SlurmOptions:
             raise ValueError(f"--tasks must be at least 1, not {self.tasks}")
 
 
-def sbatch_script(command: list[str], options: SlurmOptions) -> str:
-    """The text of an sbatch script that runs `command` in every task of the array."""
+def sbatch_script(command: list[str], options: SlurmOptions, workdir: Path | None = None) -> str:
+    """The text of an sbatch script that runs `command` in every task of the array, in
+    `workdir` (absolute; default: the current folder)."""
+    workdir = Path(workdir or Path.cwd()).absolute()
     array = f"0-{options.tasks - 1}"
     if options.max_parallel:
         array += f"%{options.max_parallel}"
@@ -60,6 +64,7 @@ def sbatch_script(command: list[str], options: SlurmOptions) -> str:
         "# then helps with the units nobody holds. Resubmit one task with --array=K, or the",
         "# whole script to resume.",
         "set -euo pipefail",
+        f"cd {shlex.quote(str(workdir))}",
         "exec " + shlex.join(command),
         "",
     ]
@@ -69,16 +74,41 @@ def sbatch_script(command: list[str], options: SlurmOptions) -> str:
 SHARE_OPTIONS = ("--shard-index", "--num-shards")
 
 
-def stage_command(stage: str, args: list[str], tasks: int) -> list[str]:
-    """`tats-extract STAGE ARGS --num-shards TASKS` with this installation's executable,
-    without a progress bar."""
+def absolute_paths(args: list[str], path_options: set[str]) -> list[str]:
+    """`args` with the values of `path_options` (`--out X` or `--out=X`) made absolute."""
+
+    def absolute(value: str) -> str:
+        return str(Path(value).expanduser().absolute())
+
+    out, i = [], 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in path_options and eq:
+            out.append(f"{name}={absolute(value)}")
+        elif name in path_options and i + 1 < len(args):
+            out += [name, absolute(args[i + 1])]
+            i += 1
+        else:
+            out.append(args[i])
+        i += 1
+    return out
+
+
+def stage_command(
+    stage: str, args: list[str], tasks: int, path_options: set[str] = frozenset()
+) -> list[str]:
+    """`tats-extract STAGE ARGS --num-shards TASKS` with this installation's executable (by
+    its absolute path), the values of `path_options` absolute, without a progress bar."""
+    args = absolute_paths(args, path_options)
     given = [a for a in args if a.split("=", 1)[0] in SHARE_OPTIONS]
     if given:
         raise ValueError(
             f"{given[0]}: the array task picks its share; leave out --shard-index and --num-shards"
         )
     executable = Path(sys.executable).parent / "tats-extract"
-    command = [str(executable if executable.exists() else "tats-extract"), stage, *args]
+    if not executable.exists():
+        executable = Path(shutil.which("tats-extract") or "tats-extract")
+    command = [str(executable.absolute()) if executable.exists() else "tats-extract", stage, *args]
     if not {"--progress", "--no-progress"} & set(args):
         command.append("--no-progress")
     return [*command, "--num-shards", str(tasks)]

@@ -31,10 +31,12 @@ from tats.pipeline.backbones import Backbone
 from tats.pipeline.executors import extract
 from tats.pipeline.runner import RunSummary
 from tats.pipeline.trackers import Tracker, create_tracker
+from tats.runtime import announce, device_line, pick_device
 from tats.stores import TRACKS, RowStore, tracks_fields
 from tats.video import decode_size, probe, read_frames, stored_frames, timeline
 
 SEMANTIC = "semantic"
+CPU_TRACKERS = ("lk",)  # trackers that run on the CPU only: --device auto gives them the CPU
 
 
 @dataclass(frozen=True)
@@ -286,25 +288,32 @@ class TracksRecipe:
     config: TracksConfig
     checkpoint: str | None = None
     tracker_options: tuple[tuple[str, object], ...] = ()
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA where there is one (the lk tracker: the CPU)
     batch_videos: int = 1
     cluster_weights: str | None = None  # semantic queries: the clustering backbone's weights
     name: str = "tracks"
 
     def build(self) -> TracksStage:
+        """The tracker (and clustering backbone) on the device picked; says so in one line."""
+        device = pick_device(self.device, cpu_only=self.config.tracker in CPU_TRACKERS)
         tracker = create_tracker(
             self.config.tracker,
             checkpoint=self.checkpoint,
-            device=self.device,
+            device=str(device),
             **dict(self.tracker_options),
         )
+        precision = getattr(tracker, "precision", "fp32")
+        where = device_line(self.device, device, precision)
+        line = f"{self.name}: {self.config.tracker} on {where}"
         backbone = None
         if self.config.semantic is not None:
             backbone = S.clustering_backbone(
-                self.config.semantic.backbone, self.cluster_weights, self.device
+                self.config.semantic.backbone, self.cluster_weights, pick_device(self.device)
             )
+            line += f"; clustering {backbone.name} on {backbone.device}, {backbone.precision}"
         elif self.cluster_weights is not None:
             raise ValueError("clustering weights need semantic queries")
+        announce(line)
         return TracksStage(self.config, tracker, self.batch_videos, backbone)
 
     def open_store(self, out: str | Path, manifest: Manifest, stage: TracksStage) -> RowStore:
@@ -318,7 +327,7 @@ def extract_tracks(
     *,
     checkpoint: str | Path | None = None,
     tracker_options: dict | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_videos: int = 1,
     cluster_weights: str | Path | None = None,
     **run,

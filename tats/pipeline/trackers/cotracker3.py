@@ -78,7 +78,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, kind: str = "offline") -> 
     if not path.is_file():
         name = CHECKPOINT_FILES[kind]
         raise CheckpointError(
-            f"no CoTracker3 {kind} weights: pass --checkpoint PATH, or download "
+            f"no CoTracker3 {kind} weights: pass --tracker-weights PATH, or download "
             f"{CHECKPOINT_URL.format(name)} to {path} (--tracker lk needs no weights)"
         )
     return path

@@ -219,7 +219,7 @@ def _cotracker2_checkpoint(checkpoint: str | Path | None, model: str) -> Path:
     path = Path(torch.hub.get_dir()) / "checkpoints" / f"{model}.pth"
     if not path.is_file():
         raise CheckpointError(
-            f"no {model} weights: pass --checkpoint PATH, or download "
+            f"no {model} weights: pass --tracker-weights PATH, or download "
             f"{COTRACKER2_URL.format(model)} to {path}"
         )
     return path
