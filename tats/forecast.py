@@ -102,8 +102,8 @@ class Forecast:
     def lines(self, time_limit: float | None = None) -> list[str]:
         """The plan as a table for the terminal (and the docs)."""
         out = [
-            f"plan for {self.videos:,} videos ({self.units:,} units), from {self.sample} clips "
-            f"extracted here:",
+            f"plan for {self.videos:,} videos ({self.units:,} units), from {self.sample} of its "
+            f"clips extracted:",
             f"  {'stage':<9} {'device':<24} {'time':>10} {'per video':>10} {'store':>10} "
             f"{'files':>8} {'peak memory':>12}",
         ]

@@ -92,7 +92,7 @@ def stages(runs) -> dict[str, StageCost]:
 
 def test_the_plan_prints_every_stage_and_the_array_sizes(runs):
     printed = runs["printed"]
-    assert "plan for 48 videos (6 units), from 6 clips extracted here:" in printed
+    assert "plan for 48 videos (6 units), from 6 of its clips extracted:" in printed
     for line in ("  tracks ", "  features ", "  train ", "slurm tracks: --tasks ",
                  "slurm features: --tasks "):  # fmt: skip
         assert line in printed, line

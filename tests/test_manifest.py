@@ -47,14 +47,32 @@ def test_read_resolves_paths_keeps_extras_and_hashes_bytes(tmp_path):
     assert other.rows[3].path == Path("/abs/c1.webm")
 
 
+# GOOD with a second test video of each test class: 1-way 1-shot episodes with 1 query.
+EPISODES_OF_ONE = GOOD + "c3,videos/c3.mp4,swim,test,\nc4,videos/c4.mp4,dive,test,\n"
+ONE_WAY = ("--way", "1", "--shot", "1", "--train-queries", "1", "--test-queries", "1")
+
+
 def test_check_prints_classes_and_videos_per_split(tmp_path):
-    result = tats("manifest", "check", write(tmp_path, GOOD))
+    result = tats("manifest", "check", write(tmp_path, EPISODES_OF_ONE), *ONE_WAY)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert "5 videos, 4 classes" in lines[0]
+    assert "7 videos, 4 classes" in lines[0]
     assert lines[1].split() == ["train", "1", "classes", "2", "videos"]
     assert lines[2].split() == ["val", "1", "classes", "1", "videos"]
-    assert lines[3].split() == ["test", "2", "classes", "2", "videos"]
+    assert lines[3].split() == ["test", "2", "classes", "4", "videos"]
+    assert "1-way 1-shot, 1 training and 1 test queries per class: ok" in lines[4]
+    assert "the val split" in result.stderr and "no validation" in result.stderr
+
+
+def test_check_refuses_splits_too_small_for_the_episodes(tmp_path):
+    path = write(tmp_path, GOOD)
+    result = tats("manifest", "check", path)
+    assert result.exit_code == 2
+    assert result.stdout.splitlines()[1].split() == ["train", "1", "classes", "2", "videos"]
+    assert result.stderr == (
+        f"error: the train split of {path} has 0 classes with at least 7 videos "
+        "(1 support + 6 queries); 5-way episodes need 5\n"
+    )
 
 
 BAD = {
@@ -101,22 +119,22 @@ def test_bad_manifest_exits_2_naming_the_line(tmp_path, problem):
 
 
 def test_missing_video_file_fails_only_with_check_files(tmp_path):
-    path = write(tmp_path, GOOD)
-    assert tats("manifest", "check", path).exit_code == 0
-    result = tats("manifest", "check", path, "--check-files")
+    path = write(tmp_path, EPISODES_OF_ONE)
+    assert tats("manifest", "check", path, *ONE_WAY).exit_code == 0
+    result = tats("manifest", "check", path, "--check-files", *ONE_WAY)
     assert result.exit_code == 2
     absent = tmp_path / "videos" / "a1.mp4"
     assert result.stderr == f"error: {path}:2: video file not found: {absent}\n"
-    for name in ("a1.mp4", "a2.mp4", "b1.mp4", "c2.mp4"):
+    for name in ("a1.mp4", "a2.mp4", "b1.mp4", "c2.mp4", "c3.mp4", "c4.mp4"):
         (tmp_path / "videos").mkdir(exist_ok=True)
         (tmp_path / "videos" / name).write_bytes(b"x")
-    result = tats("manifest", "check", path, "--check-files")
+    result = tats("manifest", "check", path, "--check-files", *ONE_WAY)
     assert (
         result.exit_code == 2 and f"{path}:5: video file not found: /abs/c1.webm" in result.stderr
     )
     root = tmp_path / "root"
     shutil.copytree(tmp_path / "videos", root / "videos")
-    assert tats("manifest", "check", path, "--video-root", root).exit_code == 0
+    assert tats("manifest", "check", path, "--video-root", root, *ONE_WAY).exit_code == 0
 
 
 def test_unreadable_manifest_is_one_line(tmp_path):
@@ -218,3 +236,65 @@ def test_a_row_is_found_by_its_id_among_look_alike_ids(tmp_path):
     tests = rows.select([2, 5])  # a selection finds only its own rows
     assert tests.find("1").row == 5 and tests.find("a10") is None
     assert tests.video_ids == ["a1", "1"]
+
+
+def class_folders(root: Path, classes: int, clips: int = 8) -> Path:
+    """A user's folder of class folders (one clip per class one folder deeper, and hidden files
+    and non-videos that must be left out)."""
+    for c in range(classes):
+        folder = root / f"class{c:02d}"
+        (folder / "day2").mkdir(parents=True)
+        for i in range(clips - 1):
+            (folder / f"clip{i}.mp4").write_bytes(b"")
+        (folder / "day2" / "clip0.webm").write_bytes(b"")
+        (folder / "notes.txt").write_text("not a video")
+        (folder / ".hidden.mp4").write_bytes(b"")
+    return root
+
+
+def test_from_folders_splits_whole_classes_with_a_seed(tmp_path):
+    videos = class_folders(tmp_path / "videos", 24)
+    result = tats("manifest", "from-folders", videos)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(videos / "manifest.csv")
+    assert len(manifest) == 24 * 8
+    assert {row.path for row in manifest.rows} == {
+        p for p in videos.rglob("*") if p.suffix in (".mp4", ".webm") and p.name[0] != "."
+    }
+    splits = {s: set(manifest.classes(s)) for s in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [14, 5, 5]  # 20%, at least --way
+    assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"]
+                or splits["val"] & splits["test"])  # fmt: skip
+    assert "class00_day2_clip0" in {row.video_id for row in manifest.rows}
+    first = (videos / "manifest.csv").read_bytes()
+    assert tats("manifest", "from-folders", videos).exit_code == 0
+    assert (videos / "manifest.csv").read_bytes() == first, "the same seed, the same manifest"
+    other = tats("manifest", "from-folders", videos, "--seed", "1", "-o", tmp_path / "m1.csv")
+    assert other.exit_code == 0, other.output
+    assert set(read_manifest(tmp_path / "m1.csv").classes("test")) != splits["test"]
+
+
+def test_from_folders_takes_counts_or_fractions(tmp_path):
+    videos = class_folders(tmp_path / "videos", 24)
+    result = tats("manifest", "from-folders", videos, "--val", "6", "--test", "0.25")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(videos / "manifest.csv")
+    assert [len(manifest.classes(s)) for s in ("train", "val", "test")] == [12, 6, 6]
+
+
+@pytest.mark.parametrize(
+    "classes, options, message",
+    [(8, [], "8 classes cannot give 5 val and 5 test classes"),
+     (12, ["--test", "2"], "5-way episodes need 5: give --test more classes (e.g. --test 5)"),
+     (24, ["--train-queries", "8"], "need 5: add videos to the classes, or lower --shot"),
+     (12, ["--val", "1.5"], "--val 1.5: a fraction of the classes (below 1) or a count"),
+     (0, [], "no class folders with videos")],
+)  # fmt: skip
+def test_from_folders_refuses_a_split_the_episodes_cannot_use(tmp_path, classes, options, message):
+    videos = class_folders(tmp_path / "videos", classes)
+    videos.mkdir(exist_ok=True)
+    result = tats("manifest", "from-folders", videos, *options)
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert not (videos / "manifest.csv").exists()
+    assert [p.name for p in videos.iterdir() if p.is_file()] == []

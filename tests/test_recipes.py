@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import typer
 from typer.testing import CliRunner
 
 from tats.cli import app
@@ -274,6 +275,17 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
+def resolved(*args: str) -> dict:
+    """The config `tats run ARGS --print-config` prints (less "devices"), parsed by the
+    command and resolved as it resolves it, without the checks of the files it makes first
+    (manifest, weights, videos: tests/test_preflight.py), so that every recipe resolves
+    without its dataset and weights."""
+    from tats.cli.run import run_config
+
+    ctx = typer.main.get_command(app).commands["run"].make_context("run", list(args))
+    return json.loads(json.dumps(run_config(ctx.params).to_dict()))
+
+
 def test_tats_recipes_lists_source_and_paper_accuracy():
     result = invoke("recipes")
     assert result.exit_code == 0, result.output
@@ -289,10 +301,7 @@ def test_tats_recipes_lists_source_and_paper_accuracy():
 
 @pytest.mark.parametrize("name", sorted(RELEASES))
 def test_print_config_resolves_every_recipe(name, tmp_path):
-    result = invoke("run", "--recipe", name, "--manifest", "absent.csv", "--out",
-                    str(tmp_path / "run"), "--print-config")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    config = json.loads(result.output)
+    config = resolved("--recipe", name, "--manifest", "absent.csv", "--out", str(tmp_path / "run"))
     table = RELEASES[name]
     tracks, features = config["stages"]["tracks"], config["stages"]["features"]
     train = config["trainings"]["train"]
@@ -313,12 +322,10 @@ def test_print_config_resolves_every_recipe(name, tmp_path):
 def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
     options = tmp_path / "options.json"
     options.write_text(json.dumps({"episodes": 7, "epochs": 3, "lr": 0.5}))
-    result = invoke("run", "--recipe", "trokens/hmdb", "--manifest", "m.csv", "--out",
-                    str(tmp_path / "run"), "--train-config", str(options), "--epochs", "2",
-                    "--queries", "uniform:8", "--backbone", "pixels", "--frames", "4",
-                    "--print-config")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    config = json.loads(result.output)
+    config = resolved("--recipe", "trokens/hmdb", "--manifest", "m.csv", "--out",
+                      str(tmp_path / "run"), "--train-config", str(options), "--epochs", "2",
+                      "--queries", "uniform:8", "--backbone", "pixels",
+                      "--frames", "4")  # fmt: skip
     train = config["trainings"]["train"]
     assert (train["episodes"], train["epochs"], train["lr"]) == (7, 2, 0.5)
     assert train["shot"] == 1 and train["motion"] == "both"  # the recipe's, the preset's
@@ -327,9 +334,8 @@ def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
     assert tracks["frames"] == config["stages"]["features"]["frames"] == 4
     assert config["stages"]["features"]["backbone"] == "pixels"
     # Another method than the recipe's: that method's queries and training options.
-    result = invoke("run", "--recipe", "tats/hmdb", "--method", "trokens", "--manifest", "m.csv",
-                    "--out", str(tmp_path / "run"), "--print-config")  # fmt: skip
-    config = json.loads(result.output)
+    config = resolved("--recipe", "tats/hmdb", "--method", "trokens", "--manifest", "m.csv",
+                      "--out", str(tmp_path / "run"))  # fmt: skip
     assert config["stages"]["tracks"]["queries"] == "semantic"
     assert config["trainings"]["train"]["motion"] == "both"
     assert config["trainings"]["train"]["episodes"] == 200  # the recipe's all the same
@@ -337,10 +343,8 @@ def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
 
 def test_paper_tracker_runs_the_papers_tracker(tmp_path):
     def tracking(*options: str) -> tuple[str, dict]:
-        result = invoke("run", *options, "--manifest", "m.csv", "--out", str(tmp_path / "r"),
-                        "--paper-tracker", "--print-config")  # fmt: skip
-        assert result.exit_code == 0, result.output
-        config = json.loads(result.output)
+        config = resolved(*options, "--manifest", "m.csv", "--out", str(tmp_path / "r"),
+                          "--paper-tracker")  # fmt: skip
         return config["stages"]["tracks"]["tracker"], config["extraction"]["tracker_options"]
 
     # TATs' numbers are CoTracker2's, through the official package; Trokens' are CoTracker3's.
@@ -452,9 +456,7 @@ def test_readme_commands_resolve(row, tmp_path, monkeypatch):
     words = shlex.split(command.strip("`"))
     assert words[:2] == ["tats", "run"]
     monkeypatch.chdir(tmp_path)
-    result = invoke(*words[1:], "--print-config")
-    assert result.exit_code == 0, result.output
-    config = json.loads(result.output)
+    config = resolved(*words[2:])
     recipe = load_recipe(config["recipe"])
     (train,) = config["trainings"].values()  # "train", or the 5-shot rows' --train-out
     assert train["shot"] == int(shot)

@@ -113,13 +113,17 @@ def from_folders(
         tmp = out.with_name(f".{out.name}.checking.csv")  # beside it: the same relative paths
         try:
             write_manifest(rows, tmp)
+            checked = read_manifest(tmp)
             try:  # before anything is written
-                episode_problems(read_manifest(tmp), episodes)
+                episode_problems(checked, episodes)
             except ValueError as error:
-                raise ValueError(
-                    f"{str(error).replace(str(tmp), str(out))}: give --val / --test more "
-                    f"classes (e.g. --test {way}), or add classes"
-                ) from None
+                short = [s for s in ("test", "train") if len(checked.classes(s)) < way]
+                hint = {
+                    "test": f"give --test more classes (e.g. --test {way}), or add classes",
+                    "train": "give --val / --test fewer classes, or add classes",
+                }.get(short[0] if short else "", "add videos to the classes, or lower --shot, "
+                      "--train-queries or --test-queries")  # fmt: skip
+                raise ValueError(f"{str(error).replace(str(tmp), str(out))}: {hint}") from None
             tmp.replace(out)
         finally:
             tmp.unlink(missing_ok=True)

@@ -78,7 +78,7 @@ def run(
     fps: float | None = typer.Option(
         None,
         help="Time base of both stages in frames per second; 0: every native frame.",
-        show_default="10, or the recipe's",
+        show_default="10",
     ),
     backbone: str | None = typer.Option(
         None, help="Feature backbone: dinov2_vit{s,b,l}14[_reg], pixels (weight-free).",
