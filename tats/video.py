@@ -447,13 +447,19 @@ def seek_plan(targets: Sequence[int], keyframes: Sequence[int]) -> list[int | No
 # --- decord (fallback) --------------------------------------------------------------------
 
 
-def _decord_reader(path: Path):
+def _decord(path: Path):
+    """The decord module, or a VideoError saying how to install it (it is an extra)."""
     try:
         import decord
     except ImportError as err:
         raise VideoError(
             path, f"decord is not installed ({err}; pip install 'tats[decord]')"
         ) from None
+    return decord
+
+
+def _decord_reader(path: Path):
+    decord = _decord(path)
     try:
         return decord.VideoReader(str(path), num_threads=1)
     except (decord.DECORDError, RuntimeError) as err:
@@ -467,8 +473,7 @@ def _decord_message(err: Exception) -> str:
 
 
 def _probe_decord(path: Path) -> VideoInfo:
-    import decord
-
+    decord = _decord(path)
     if path.suffix.lower() in _MATROSKA_SUFFIXES and _matroska_truncated(path):
         raise VideoError(path, "truncated: file is shorter than its Matroska segment size")
     reader = _decord_reader(path)
@@ -493,8 +498,8 @@ def _read_decord(path: Path, targets: np.ndarray, size: tuple[int, int] | None) 
     """Frames at full size, a few at a time, each scaled here where a size is given: decord's
     own scaling breaks on frames it turns by 90 degrees (it swaps the size's sides)."""
     import cv2
-    import decord
 
+    decord = _decord(path)
     reader = _decord_reader(path)
     if len(targets) and targets[-1] >= len(reader):
         raise VideoError(path, f"frame {targets[-1]} requested, {len(reader)} frames decode")
