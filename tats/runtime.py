@@ -17,6 +17,38 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+PRECISIONS = ("auto", "fp32", "bf16")  # of the extraction models (tracker, backbone)
+
+
+def bf16_units(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU with bf16, or a CPU
+    with AMX or AVX512-BF16 units (checked at run time). Other CPUs emulate bf16, slower than
+    fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None)
+              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]  # fmt: skip
+    if any(check is not None for check in checks):
+        return any(check() for check in checks if check is not None)
+    try:  # torch before 2.3: the kernel's CPU flags
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def extraction_precision(precision: str, device: torch.device | str) -> str:
+    """The arithmetic an extraction model runs in: `auto` is bf16 where the device has bf16
+    units (`bf16_units`), fp32 elsewhere; `fp32` and `bf16` as named."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_units(device) else "fp32"
+    return precision
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tats.pipeline.weights import file_sha256, read_tensor_file
+from tats.runtime import extraction_precision
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -86,13 +87,13 @@ class Backbone(ABC):
         side = self.preprocess.size // self.patch_size
         return side, side
 
-    full_precision = False  # True: fp32 on CUDA too (Trokens' clustering backbone, semantic.py)
+    precision_choice = "auto"  # auto, fp32 or bf16 (Trokens' clustering backbone: fp32)
 
     @property
     def precision(self) -> str:
-        """The arithmetic of `forward`: bf16 autocast on CUDA, fp32 elsewhere (and where
-        `full_precision`)."""
-        return "bf16" if self.device.type == "cuda" and not self.full_precision else "fp32"
+        """The arithmetic of `forward`: bf16 autocast where the device has bf16 units (CUDA,
+        CPUs with AMX or AVX512-BF16), fp32 elsewhere; or as `precision_choice` names it."""
+        return extraction_precision(self.precision_choice, self.device)
 
     @property
     def identity(self) -> dict:
@@ -169,15 +170,20 @@ def create_backbone(
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     preprocess: Preprocess | None = None,
+    precision: str = "auto",
     **kwargs,
 ) -> Backbone:
-    """Build the backbone registered as `name`, weights from `weights` or the local caches.
+    """Build the backbone registered as `name`, weights from `weights` or the local caches,
+    running in `precision` (auto: bf16 where the device has bf16 units, else fp32).
 
     Extra keyword arguments go to the model constructor (e.g. `depth=2` for small test models).
     """
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
-    return _BACKBONES[name](weights=weights, device=device, preprocess=preprocess, **kwargs)
+    extraction_precision(precision, "cpu")  # a bad name fails before the model is built
+    backbone = _BACKBONES[name](weights=weights, device=device, preprocess=preprocess, **kwargs)
+    backbone.precision_choice = precision  # `pixels` computes in fp32 whatever it is told
+    return backbone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,11 +364,12 @@ class Dinov2Backbone(Backbone):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.precision == "bf16":
-            images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            if self.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 tokens = self.model.forward_features(images)
         else:
-            tokens = self.model.forward_features(images)  # CPUs without bf16 units: fp32
+            tokens = self.model.forward_features(images)
         patches = tokens[:, self.model.num_prefix_tokens :].float()
         return patches.reshape(images.shape[0], *self.grid, self.dim)
 

@@ -80,9 +80,7 @@ def clustering_backbone(
 ) -> Backbone:
     """The backbone semantic queries cluster the features of: `name` with the release's input
     (`PREPROCESS`), in fp32 on every device (its `identity` says so)."""
-    backbone = create_backbone(name, weights, device, preprocess=PREPROCESS, **kwargs)
-    backbone.full_precision = True
-    return backbone
+    return create_backbone(name, weights, device, preprocess=PREPROCESS, precision="fp32", **kwargs)
 
 
 def clustering_frames(num_frames: int, count: int) -> np.ndarray:

@@ -13,7 +13,8 @@ On top of that:
 - several clips in one batch (`track_batch`), padded and masked so that each clip gets what
   it would get alone;
 - optionally (`from_query_frame=True`) each point is tracked only from its query frame on,
-  which skips the frames the TATs pipeline never uses and changes the tracks slightly;
+  which skips the frames the TATs pipeline never uses and changes the tracks (see the
+  registered trackers at the end);
 - backward tracking (`backward=True` on a call), as the official predictor's
   `backward_tracking=True`: the clip is tracked once more time-reversed, with the support grid
   queried at the original first frame (its last reversed frame; with `from_query_frame=True`
@@ -21,7 +22,9 @@ On top of that:
   fills the frames before each point's query frame;
 - bounded memory: clips longer than `max_offline_frames` (or that run out of GPU memory) go
   through the online model's sliding windows (16 frames, step 8);
-- bf16 autocast on CUDA (`precision="auto"`).
+- bf16 autocast where the device has bf16 units (`precision="auto"`: CUDA, CPUs with AMX or
+  AVX512-BF16), with the transformer's residual stream and the coordinates kept in fp32;
+  `precision="fp32"` is fp32 throughout (no TF32 on CUDA).
 
 The official weights (CC BY-NC 4.0, non-commercial) are never downloaded here: pass a file,
 or put it in the torch hub cache (see `resolve_checkpoint`).
@@ -29,7 +32,9 @@ or put it in the torch hub cache (see `resolve_checkpoint`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +52,7 @@ from tats.pipeline.trackers.cotracker3_net import (
     TokenLayout,
 )
 from tats.pipeline.weights import file_sha256, read_tensor_file
+from tats.runtime import extraction_precision
 
 CHECKPOINT_FILES = {"offline": "scaled_offline.pth", "online": "scaled_online.pth"}
 CHECKPOINT_URL = "https://huggingface.co/facebook/cotracker3/resolve/main/{}"
@@ -55,7 +61,6 @@ ITERS = 6
 OFFLINE_THRESHOLD = 0.9
 ONLINE_THRESHOLD = 0.6
 PASSES = ("joint", "per_query_frame")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class CheckpointError(ValueError):
@@ -135,6 +140,71 @@ def build_model(kind: str = "offline", model_resolution=MODEL_RESOLUTION) -> CoT
     """A randomly initialised CoTracker3 of the given kind ("offline" or "online")."""
     window = {"offline": OFFLINE_WINDOW, "online": ONLINE_WINDOW}[kind]
     return CoTracker3(window, model_resolution)
+
+
+def moving_state_dict(
+    kind: str = "offline",
+    *,
+    seed: int = 0,
+    head_std: float = 0.01,
+    visible: float = 0.5,
+    model_resolution=MODEL_RESOLUTION,
+) -> dict[str, torch.Tensor]:
+    """Random weights of the real architecture under which tracks move and visibility varies,
+    for tests and benchmarks (never for real tracking).
+
+    Under the official initialisation (flow and visibility heads at std 0.001) tracks barely
+    leave their query points, so no comparison of two ways of tracking can tell them apart.
+    Here the two heads are drawn at `head_std` (0.01: tracks move about 3 px a frame on real
+    320x240 clips), and the visibility bias is set so that about `visible` of the tokens of a
+    random clip end up visible: the heads' random weights shift every token's logit alike,
+    mostly below the threshold.
+    """
+    torch.manual_seed(seed)
+    model = build_model(kind, model_resolution).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    heads = model.updateformer
+    with torch.no_grad():
+        for head in (heads.flow_head, heads.vis_conf_head):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * head_std)
+        score = _visibility_probe(model, seed)
+        bias = heads.vis_conf_head.bias
+        for _ in range(3):  # each iteration adds the bias to the logit: about linear in it
+            bias[0] -= float(torch.quantile(score(), 1 - visible)) / ITERS
+    return model.state_dict()
+
+
+def _visibility_probe(model: CoTracker3, seed: int):
+    """A function giving the visibility scores (logits, > 0: visible) of 64 points queried
+    at every frame of an 8-frame synthetic clip under `model`'s current weights, as the
+    predictor thresholds them."""
+    from tats.synth import MOTIONS, SynthConfig, make_video
+
+    g = torch.Generator().manual_seed(seed + 2)
+    mh, mw = model.model_resolution
+    frames = make_video(SynthConfig(frames=8, width=mw, height=mh, seed=seed), next(iter(MOTIONS)), 0)[0]
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    pyramid = model.pyramid(video)
+    n, t = 64, len(video)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([mw - 1, mh - 1]) / STRIDE
+    query_frame = torch.arange(n) % t
+    support = [s[None] for s in model.support_features(pyramid, query_frame, xy)]
+    coords = xy[None, :, None].expand(1, n, t, 2).clone()
+    layout = TokenLayout.make(None, None, (1, n, t), "cpu")
+    frame_rows = torch.arange(t)[None]
+    time_emb = model.time_embedding(t)
+    online = model.window_len == ONLINE_WINDOW
+    threshold = ONLINE_THRESHOLD if online else OFFLINE_THRESHOLD
+
+    def score() -> torch.Tensor:
+        zeros = torch.zeros(1, n, t)
+        _, vis, conf = model.refine(
+            pyramid, frame_rows, support, coords, zeros, zeros.clone(), layout, time_emb, ITERS
+        )
+        p = torch.sigmoid(vis) * torch.sigmoid(conf) if online else torch.sigmoid(vis)
+        return torch.logit(p.clamp(1e-6, 1 - 1e-6)) - math.log(threshold / (1 - threshold))
+
+    return score
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -232,8 +302,6 @@ class CoTracker3Tracker:
     ):
         if passes not in PASSES:
             raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         mh, mw = model_resolution
         if mh % 32 or mw % 32:
             raise ValueError(f"model_resolution must be multiples of 32, got {model_resolution}")
@@ -252,9 +320,7 @@ class CoTracker3Tracker:
         gpu = self.device.type == "cuda"
         self.fnet_frames = fnet_frames or (16 if gpu else 1)
         self.chunk_tokens = chunk_tokens or (1 << 16 if gpu else 2048)
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
+        self.precision = extraction_precision(precision, self.device)
 
         kind = "online" if online else "offline"
         path = resolve_checkpoint(checkpoint, kind)
@@ -528,9 +594,9 @@ class CoTracker3Tracker:
             return net.pyramid(video, dtype)
 
     def _autocast(self):
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-        )
+        if self.precision == "fp32":
+            return _full_fp32(self.device)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ---------------------------------------------------------------- online windows
 
@@ -697,6 +763,21 @@ class CoTracker3Tracker:
             results[i] = (tracks, vis)
 
 
+@contextmanager
+def _full_fp32(device: torch.device):
+    """fp32 means fp32: on CUDA, no TF32 in matmuls and convolutions while it lasts (cuDNN
+    convolutions use TF32 by default)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def _resized(net: CoTracker3, length: int, total: int) -> torch.Tensor:
     """The time embedding for a clip of `length` frames, zero-padded to `total` frames."""
     emb = net.time_embedding(length)[0]
@@ -746,18 +827,17 @@ def _check_clip(index: int, frames, queries) -> tuple[np.ndarray, np.ndarray]:
     return frames, queries
 
 
-# As registered trackers (what `tats-extract tracks` uses), points are tracked from their
-# query frame on, and sit at their query point before it. TATs masks a point before its query
-# frame and its filter reads frames from the query frame on; skipping the earlier frames is
-# what makes one pass 3x faster than the official seven calls (benchmarks/bench_cotracker.py
-# states the difference). `from_query_frame=False` tracks whole clips, as the official code.
+# As registered trackers (what `tats-extract tracks` uses), every query frame goes in one pass
+# over whole clips: 0.01-0.03 px from the official seven calls with moving test weights
+# (benchmarks/bench_cotracker.py), at the cost of one. `passes="per_query_frame",
+# support_grid=False, precision="fp32"` is the exact mode (the official calls, within 1e-4 px);
+# `from_query_frame=True` skips the frames before each query frame: faster, but about 0.8 px
+# from the official tracks with those weights, and visibility agrees less.
 @register_tracker("cotracker3")
 def _offline_tracker(checkpoint=None, device="cpu", **kwargs) -> CoTracker3Tracker:
-    kwargs.setdefault("from_query_frame", True)
     return CoTracker3Tracker(checkpoint, device, online=False, **kwargs)
 
 
 @register_tracker("cotracker3-online")
 def _online_tracker(checkpoint=None, device="cpu", **kwargs) -> CoTracker3Tracker:
-    kwargs.setdefault("from_query_frame", True)
     return CoTracker3Tracker(checkpoint, device, online=True, **kwargs)

@@ -226,6 +226,26 @@ class TokenLayout:
                 else:
                     yield clip, n0, n1, slice(self.track_rows[k0], self.track_rows[k1])
 
+    def track_runs(self, rows: int) -> list[tuple[slice, slice]]:
+        """(packed rows, tracks) of runs of consecutive tracks with the same number of tokens,
+        at most `rows` tokens a run (or one track): a run's tokens correlate with its tracks'
+        support features in one batched matmul."""
+        b, n, t = self.batch, self.points, self.frames
+        if self.track_rows is None:
+            starts = list(range(0, b * n * t + 1, t))
+        else:
+            starts = list(self.track_rows)
+        runs, k = [], 0
+        while k < b * n:
+            count = starts[k + 1] - starts[k]
+            end, stop = k + 1, k + max(1, rows // max(count, 1))
+            while end < min(stop, b * n) and starts[end + 1] - starts[end] == count:
+                end += 1
+            if count:
+                runs.append((slice(starts[k], starts[end]), slice(k, end)))
+            k = end
+        return runs
+
     def chunk_mask(self, clip: int, n0: int, n1: int) -> Tensor | None:
         return None if self.token_valid is None else self.token_valid[clip, n0:n1]
 
@@ -315,9 +335,8 @@ class UpdateFormer(nn.Module):
                 mask = layout.chunk_mask(clip, n0, n1)
                 _points_from_virtual(block, pts[sl], kv[clip * t : (clip + 1) * t], mask, layout)
             virt = virt.view(b, t, NUM_VIRTUAL, dim).transpose(1, 2).reshape(-1, t, dim)
-        return _rowwise(
-            lambda y: torch.cat([self.flow_head(y), self.vis_conf_head(y)], -1), pts, rows
-        )
+        heads = (self.flow_head, self.vis_conf_head)
+        return _rowwise(lambda y: torch.cat([full_precision(h, y) for h in heads], -1), pts, rows)
 
 
 def _time_attention(block: AttnBlock, x: Tensor, mask: Tensor | None, layout: TokenLayout):
@@ -366,6 +385,13 @@ def _points_from_virtual(
     out = attend(q.contiguous(), k, v, attn.heads).transpose(0, 1)
     x += attn.to_out(layout.chunk_pack(out, mask))
     x += block.mlp(_layer_norm(x))
+
+
+def full_precision(layer: nn.Module, x: Tensor) -> Tensor:
+    """`layer(x)` in fp32 under bf16 autocast too: the input layer and the heads cost little,
+    and their rounding moves tracks the most (the heads' deltas add up over iterations)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
 
 
 def _rowwise(fn, x: Tensor, rows: int) -> Tensor:
@@ -474,17 +500,15 @@ class CoTracker3(nn.Module):
         size of the chunks the work is done in (results do not depend on them).
         """
         b, n, t = layout.batch, layout.points, layout.frames
-        tb, tn, tt = layout.token_coords()
+        tb, _, tt = layout.token_coords()
         frame = frame_rows[tb, tt]
-        track = tb * n + tn
         support = [s.reshape(b * n, *s.shape[2:]) for s in support]
+        runs = layout.track_runs(corr_rows)
         emb = time_emb.expand(b, t, -1)
         scale = coords.new_tensor(self.model_resolution[::-1]).repeat(2) / STRIDE
         exists = None if layout.token_valid is None else layout.token_valid[..., None].float()
         xy = layout.pack(coords)
         vis_conf = layout.pack(torch.stack([vis, conf], dim=-1))
-        dense = layout.index is None
-        step = max(1, corr_rows // t) * t if dense else corr_rows
         pts = None
         for _ in range(iters):
             full = layout.pad(xy)
@@ -494,17 +518,13 @@ class CoTracker3(nn.Module):
                 forward = forward * F.pad(exists[:, :, 1:], (0, 0, 0, 1))
                 backward = backward * F.pad(exists[:, :, :-1], (0, 0, 1, 0))
             rel = layout.pack(torch.cat([forward, backward], dim=-1)) / scale
-            for i in range(0, len(xy), step):
-                sl = slice(i, i + step)
-                if dense:  # whole tracks: one support per t consecutive tokens
-                    sup = [s[i // t : (i + step) // t] for s in support]
-                else:
-                    sup = [s[track[sl]] for s in support]
+            for sl, tracks in runs:
+                sup = [s[tracks] for s in support]
                 corr = self.correlation(pyramid, frame[sl], xy[sl], sup).to(xy.dtype)
                 x = torch.cat([vis_conf[sl], corr, posenc(rel[sl])], dim=-1) + emb[tb[sl], tt[sl]]
-                x = self.updateformer.input_transform(x)
+                x = full_precision(self.updateformer.input_transform, x)
                 if pts is None:
-                    pts = x.new_empty(len(xy), x.shape[-1])
+                    pts = x.new_empty(len(xy), x.shape[-1], dtype=torch.float32)
                 pts[sl] = x
             delta = self.updateformer(pts, layout, rows).float()
             xy = xy + delta[:, :2]
