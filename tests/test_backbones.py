@@ -119,7 +119,7 @@ def test_dinov2_equals_direct_timm_forward(tmp_path, frames):
     path = tmp_path / "vits14_depth2.safetensors"
     save_file(model.state_dict(), str(path))
 
-    backbone = create_backbone("dinov2_vits14", weights=path, depth=2)
+    backbone = create_backbone("dinov2_vits14", weights=path, depth=2, precision="fp32")
     features = backbone(frames)
 
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_official_state_dict_loads_and_matches_official_forward(tmp_path, frames
     path = tmp_path / f"{name}_pretrain.pth"
     torch.save(state, path)
 
-    backbone = create_backbone(name, weights=path)
+    backbone = create_backbone(name, weights=path, precision="fp32")
     features = backbone(frames)
 
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_official_state_dict_loads_and_matches_official_forward(tmp_path, frames
         "name": name,
         "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "preprocess": {"size": 224, "mean": CLIP_MEAN, "std": CLIP_STD},
-        "precision": "fp32",  # on the CPU; bf16 on CUDA
+        "precision": "fp32",  # as asked (auto: bf16 where the device has bf16 units)
     }
     if not registers:
         # timm's default resampling (antialiased, no offset) gives other features: the
@@ -198,7 +198,7 @@ def test_weights_from_hugging_face_cache(empty_caches, frames):
     model = random_vit("vit_small_patch14_reg4_dinov2", 518)  # timm layout, 37 x 37 positions
     save_file(model.state_dict(), str(path))
 
-    backbone = create_backbone("dinov2_vits14_reg")
+    backbone = create_backbone("dinov2_vits14_reg", precision="fp32")
     assert backbone.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     # timm's own resampling of a register model is the official one: compare with it
     dynamic = random_vit("vit_small_patch14_reg4_dinov2", 518, dynamic_img_size=True)
@@ -372,8 +372,29 @@ def test_preprocess_size_sets_the_grid():
 def test_cuda_bf16_path_matches_cpu(tmp_path, frames):
     path = tmp_path / "vits14.pth"
     torch.save(official_state_dict(random_vit("vit_small_patch14_dinov2", 518)), path)
-    on_cpu = create_backbone("dinov2_vits14", weights=path)(frames)
+    on_cpu = create_backbone("dinov2_vits14", weights=path, precision="fp32")(frames)
     on_gpu = create_backbone("dinov2_vits14", weights=path, device="cuda")(frames)
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
     scale = on_cpu.abs().mean()
     assert (on_gpu.cpu() - on_cpu).abs().mean() < 0.05 * scale
+
+
+def test_bf16_features_stay_close_to_fp32_and_auto_follows_the_cpu(tmp_path, frames, monkeypatch):
+    """bf16 (what `auto` picks on CPUs with AMX or AVX512-BF16 units, and on CUDA) against
+    fp32, on a random ViT-S/14 of the official layout; the precision is recorded."""
+    from tats import runtime
+
+    path = tmp_path / "vits14.pth"
+    torch.save(official_state_dict(random_vit("vit_small_patch14_dinov2", 518)), path)
+    fp32 = create_backbone("dinov2_vits14", weights=path, precision="fp32")
+    bf16 = create_backbone("dinov2_vits14", weights=path, precision="bf16")
+    assert bf16.identity["precision"] == "bf16" and fp32.identity["precision"] == "fp32"
+    a, b = fp32(frames).flatten(0, -2), bf16(frames).flatten(0, -2)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cosine.mean() > 0.999 and cosine.min() > 0.99, (cosine.mean(), cosine.min())
+    for units, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "bf16_units", lambda device, units=units: units)
+        assert create_backbone("dinov2_vits14", weights=path).precision == expected
+    assert create_backbone("pixels").precision == "fp32"  # whatever the device
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        create_backbone("dinov2_vits14", weights=path, precision="half")

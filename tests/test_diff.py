@@ -14,7 +14,7 @@ from tats.manifest import read_manifest, write_manifest
 from tats.pipeline.backbones import Preprocess
 from tats.pipeline.diff import diff_stores
 from tats.pipeline.features import FeaturesConfig, extract_features
-from tats.pipeline.trackers.cotracker3 import build_model
+from tats.pipeline.trackers.cotracker3 import build_model, moving_state_dict
 from tats.pipeline.tracks import TracksConfig, extract_tracks
 from tats.stores import RowStore
 from tats.synth import SynthConfig, generate
@@ -225,3 +225,30 @@ def test_rows_that_cannot_be_compared_are_listed_and_fail(stores, tmp_path):
     result = json.loads(out)
     assert result["compared"] == 3 and [p["row"] for p in result["problems"]] == [1]
     assert result["failures"] == ["1 rows could not be compared"]
+
+
+def test_bf16_tracks_against_fp32_tracks_of_the_same_clips(stores, tmp_path):
+    """What `precision auto` changes where the CPU or GPU has bf16 units: tracks of the TATs
+    queries (uniform:8, moving test weights) made in bf16 and in fp32, compared by the
+    command; the stores record their precision."""
+    manifest = read_manifest(stores["manifest"])
+    torch.save(moving_state_dict(model_resolution=(64, 96)), tmp_path / "moving.pth")
+    config = TracksConfig(tracker="cotracker3", grid=4, subset=16, shard_size=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for precision in ("fp32", "bf16"):
+        summary = extract_tracks(
+            manifest, tmp_path / f"{precision}.zarr", config, checkpoint=tmp_path / "moving.pth",
+            tracker_options={"model_resolution": (64, 96), "precision": precision},
+            workers=0, progress=False,
+        )  # fmt: skip
+        assert summary.videos_done == 3
+        mode = RowStore.open(tmp_path / f"{precision}.zarr").provenance["tracker"]["mode"]
+        assert f"precision={precision}" in mode
+    torch.set_num_threads(threads)
+    code, out, err = run_diff(tmp_path / "fp32.zarr", tmp_path / "bf16.zarr", "--json",
+                              "--max-px", 0.5)  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)["summary"]
+    assert 0 < summary["mean"] <= 0.05 and summary["max"] <= 0.5, summary
+    assert summary["visibility_agreement"] >= 0.99

@@ -228,6 +228,9 @@ def test_the_clustering_backbone_runs_in_fp32_on_cuda_too(tmp_path, monkeypatch)
     real_autocast = torch.autocast
     monkeypatch.setattr(torch, "autocast",
                         lambda *a, **k: autocasts.append(k.get("dtype")) or real_autocast(*a, **k))
+    from tats import runtime
+
+    monkeypatch.setattr(runtime, "bf16_units", lambda device: torch.device(device).type == "cuda")
     for backbone in (clustering, features):
         backbone.device = torch.device("cuda")
     assert features.precision == "bf16" and clustering.precision == "fp32"

@@ -182,7 +182,8 @@ def _visibility_probe(model: CoTracker3, seed: int):
 
     g = torch.Generator().manual_seed(seed + 2)
     mh, mw = model.model_resolution
-    frames = make_video(SynthConfig(frames=8, width=mw, height=mh, seed=seed), next(iter(MOTIONS)), 0)[0]
+    config = SynthConfig(frames=8, width=mw, height=mh, seed=seed)
+    frames = make_video(config, next(iter(MOTIONS)), 0)[0]
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     pyramid = model.pyramid(video)
     n, t = 64, len(video)
