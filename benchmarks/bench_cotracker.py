@@ -137,6 +137,8 @@ def worker(args) -> None:
     if spec["device"].startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if spec.get("profile"):
+        return profile(tracker, clips[0], spec["result"] + ".profile.json")
     outputs, seconds = [], []
     batch = spec.get("batch", 1) if call == "track_batch" else 1
     for i in range(0, len(clips), batch):
@@ -161,6 +163,21 @@ def worker(args) -> None:
         arrays[f"tracks_{i}"], arrays[f"visible_{i}"] = tracks, visible
     np.savez(spec["result"] + ".npz", **arrays)
     Path(spec["result"] + ".json").write_text(json.dumps(result))
+
+
+def profile(tracker, clip, out: str, top: int = 15) -> None:
+    """Where the time of one `track` call goes, by operator (torch.profiler, self CPU time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        tracker.track(*clip)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 2),
+            "share": round(e.self_cpu_time_total / total, 4), "calls": e.count}
+           for e in events[:top]]  # fmt: skip
+    Path(out).write_text(json.dumps({"self_cpu_s": round(total / 1e6, 2), "ops": ops}))
 
 
 def _sync(device: str) -> None:
@@ -226,6 +243,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads [torch's default]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", nargs="*", default=[], choices=list(PROCEDURES),
+                        help="procedures to profile by operator on the first clip")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cotracker.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,6 +282,17 @@ def main() -> None:
                 raise SystemExit(f"{name} failed with exit code {done.returncode}")
             runs[name] = json.loads((folder / f"{name}.json").read_text())
             arrays[name] = dict(np.load(folder / f"{name}.npz"))
+        profiles = {}
+        for name in args.profile:
+            spec = {"procedure": name, "clips": clips[:1], "device": args.device,
+                    "checkpoint": str(checkpoint), "online_checkpoint": str(online),
+                    "result": str(folder / f"{name}-profile"), "threads": args.threads,
+                    "profile": True}  # fmt: skip
+            (folder / f"{name}.profile.spec.json").write_text(json.dumps(spec))
+            print(f"profiling {name} ...", flush=True)
+            subprocess.run([sys.executable, __file__, "--worker",
+                            str(folder / f"{name}.profile.spec.json")], check=True)  # fmt: skip
+            profiles[name] = json.loads(Path(spec["result"] + ".profile.json").read_text())
         reference = "official_seven" if "official_seven" in arrays else "exact"
         groups = {kind: [i for i, c in enumerate(clips) if c["kind"] == kind]
                   for kind in ("real", "synthetic")}  # fmt: skip
@@ -287,6 +317,7 @@ def main() -> None:
         "machine": machine(),
         "command": " ".join(sys.argv),
         "results": rows,
+        "profiles": profiles,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
