@@ -37,6 +37,10 @@ from tats.video import decode_size, probe, read_frames, stored_frames, timeline
 
 SEMANTIC = "semantic"
 CPU_TRACKERS = ("lk",)  # trackers that run on the CPU only: --device auto gives them the CPU
+# Videos per tracker call on a GPU by default: CoTracker3 packs them into batches of at most
+# `max_batch_tokens` (one clip of 24 frames and 1,792 points is 44k of 1M tokens), which
+# keeps a large GPU busy with few launches per clip.
+GPU_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,7 @@ class TracksRecipe:
     checkpoint: str | None = None
     tracker_options: tuple[tuple[str, object], ...] = ()
     device: str = "auto"  # auto: CUDA where there is one (the lk tracker: the CPU)
-    batch_videos: int = 1
+    batch_videos: int | None = None  # None: GPU_BATCH on a GPU (the tracker packs them), else 1
     cluster_weights: str | None = None  # semantic queries: the clustering backbone's weights
     name: str = "tracks"
 
@@ -314,7 +318,8 @@ class TracksRecipe:
         elif self.cluster_weights is not None:
             raise ValueError("clustering weights need semantic queries")
         announce(line)
-        return TracksStage(self.config, tracker, self.batch_videos, backbone)
+        batch = self.batch_videos or (GPU_BATCH if device.type == "cuda" else 1)
+        return TracksStage(self.config, tracker, batch, backbone)
 
     def open_store(self, out: str | Path, manifest: Manifest, stage: TracksStage) -> RowStore:
         return open_tracks_store(out, manifest, self.config, stage.tracker, stage.backbone)
@@ -328,7 +333,7 @@ def extract_tracks(
     checkpoint: str | Path | None = None,
     tracker_options: dict | None = None,
     device: str = "auto",
-    batch_videos: int = 1,
+    batch_videos: int | None = None,
     cluster_weights: str | Path | None = None,
     **run,
 ) -> RunSummary:
