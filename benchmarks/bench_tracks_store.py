@@ -96,9 +96,10 @@ def timed(processes: list[subprocess.Popen]) -> float:
 
 
 def diff(a: Path, b: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-c", "from tats.cli.extract import app; app()", "diff",
                           str(a), str(b), "--json", "--no-progress"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                         capture_output=True, text=True, env=env)  # fmt: skip
     summary = json.loads(run.stdout)["summary"]
     return {k: summary[k] for k in ("mean", "p99", "max", "visibility_agreement")}
 

@@ -29,6 +29,7 @@ from tats.manifest import Manifest, read_manifest
 from tats.pipeline.features import FeaturesConfig, FeaturesRecipe
 from tats.pipeline.runner import RunSummary
 from tats.pipeline.tracks import SEMANTIC, TracksConfig, TracksRecipe
+from tats.runtime import PRECISIONS
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "tats-run"
@@ -53,8 +54,9 @@ class RunConfig:
     weights: Path | None = None  # the features backbone's (and semantic queries' clustering)
     device: str = "auto"  # the extraction stages' (auto: CUDA where there is one)
     workers: int = 2
-    tracks_batch: int = 1  # videos per tracker call
+    tracks_batch: int | None = None  # videos per tracker call (None: 8 on a GPU, 1 on a CPU)
     features_batch: int = 4  # videos per backbone forward
+    precision: str = "auto"  # the tracker's and the backbone's arithmetic
     progress: bool = True
     train_out: str = "train"
     unhonoured: tuple[str, ...] = ()  # the recipe's values that tats cannot follow
@@ -80,6 +82,7 @@ class RunConfig:
                 "workers": self.workers,
                 "tracks_batch": self.tracks_batch,
                 "features_batch": self.features_batch,
+                "precision": self.precision,
             },
             "trainings": {self.train_out: train},
             "protocol": self.train.protocol,
@@ -121,8 +124,9 @@ def resolve_run(
     weights: str | Path | None = None,
     device: str | None = None,
     workers: int = 2,
-    tracks_batch: int = 1,
+    tracks_batch: int | None = None,
     features_batch: int = 4,
+    precision: str = "auto",
     progress: bool = True,
     train_out: str = "train",
     fixes: str | None = None,
@@ -241,6 +245,8 @@ def resolve_run(
             raise ValueError(
                 f"{where}: unknown {what} {name!r}; available: {', '.join(list_backbones())}"
             )
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if tracks_config.frames != features_config.frames:
         raise ValueError(
             f"the stages store different frames (tracks {tracks_config.frames}, features "
@@ -264,7 +270,8 @@ def resolve_run(
         tracker_checkpoint=_absolute(tracker_checkpoint),
         tracker_options=tuple(sorted(tracker_options.items())), weights=_absolute(weights),
         device=device or "auto", workers=workers, tracks_batch=tracks_batch,
-        features_batch=features_batch, progress=progress, train_out=train_out,
+        features_batch=features_batch, precision=precision, progress=progress,
+        train_out=train_out,
         unhonoured=chosen.unhonoured if chosen else (),
         deviations=chosen.deviations if chosen else (),
         command_line=tuple(sorted((command_line or {}).items())),
@@ -313,10 +320,11 @@ def stage_recipes(config: RunConfig) -> tuple[TracksRecipe, FeaturesRecipe]:
             config.tracks, checkpoint=_text(config.tracker_checkpoint), device=config.device,
             tracker_options=config.tracker_options, batch_videos=config.tracks_batch,
             cluster_weights=_text(config.weights) if semantic else None,
+            precision=config.precision,
         ),
         FeaturesRecipe(
             config.features, weights=_text(config.weights), device=config.device,
-            batch_videos=config.features_batch,
+            batch_videos=config.features_batch, precision=config.precision,
         ),
     )  # fmt: skip
 

@@ -187,8 +187,9 @@ def check_identity(
 ) -> None:
     """The tracker or backbone `here` (built by predict, or recorded in a store: `where` says
     which) must be the one the training stores record: the same weights (SHA-256) and
-    settings. Its library versions and the precision its device implies (bf16 on CUDA, fp32
-    elsewhere) may differ, with a warning: the inputs then differ by rounding."""
+    settings. Its library versions and its precision (`--precision`; auto: bf16 where the
+    device has bf16 units, else fp32) may differ, with a warning: the inputs then differ by
+    rounding."""
     here = json.loads(json.dumps(here))
     key, option = WEIGHTS[what]
     built = where == "here"  # predict builds it: the user gives its weights

@@ -125,8 +125,9 @@ def predict(
     backbone_options: dict | None = None,
     cluster_weights: str | Path | None = None,
     device: str = "auto",
-    tracks_batch: int = 1,
+    tracks_batch: int | None = None,
     features_batch: int = 4,
+    precision: str = "auto",
     workers: int = 2,
     batch_clips: int = EVAL_BATCH,
     progress: bool = True,
@@ -136,9 +137,10 @@ def predict(
 
     tracker_checkpoint, tracker_options, weights and backbone_options build the tracker and
     the backbone as `tats-extract` does (weights from the caches where not given; semantic
-    queries: cluster_weights for their clustering backbone); `device`,
-    `tracks_batch`, `features_batch`, `workers`, `progress` and `run` (executor, scheduler,
-    ...: `executors.extract`) say how the stages run. `device` also runs the model.
+    queries: cluster_weights for their clustering backbone); `device`, `precision`,
+    `tracks_batch` (None: 8 on a GPU, 1 on a CPU), `features_batch`, `workers`, `progress`
+    and `run` (executor, scheduler, ...: `executors.extract`) say how the stages run. `device`
+    also runs the model.
 
     Bad input raises ValueError (ManifestError, StoreError) with a one-line message: a list or
     checkpoint that cannot be used, weights other than the training stores', a support class
@@ -147,7 +149,7 @@ def predict(
     checkpoint, out = Path(checkpoint), Path(out)
     for name, value in (("tracks_batch", tracks_batch), ("features_batch", features_batch),
                         ("batch_clips", batch_clips)):  # fmt: skip
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, not {workers}")
@@ -182,12 +184,14 @@ def predict(
             tracker_options=tuple(sorted((tracker_options or {}).items())),
             device=device, batch_videos=tracks_batch,
             cluster_weights=None if cluster_weights is None else str(cluster_weights),
+            precision=precision,
         ),
         FeaturesRecipe(
             config=stage_config(FeaturesConfig, recorded["features"]["config"], checkpoint),
             weights=None if weights is None else str(weights), device=device,
             batch_videos=features_batch,
             backbone_options=tuple(sorted((backbone_options or {}).items())),
+            precision=precision,
         ),
     )  # fmt: skip
     manifest = write_videos(out, supports, queries)

@@ -51,6 +51,14 @@ def extraction_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
+def fp32_only(model: str, precision: str) -> str:
+    """The precision of a model that computes in fp32 only (the lk tracker, the official
+    adapter, the pixels backbone): `precision` must be auto or fp32."""
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"{model} computes in fp32 only, not {precision!r}")
+    return "fp32"
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of an amp mode on a device (None: full precision)."""
     if amp == "auto":

@@ -12,7 +12,7 @@ import pytest
 import torch
 import typer
 
-from tats.chain import planned_devices
+from tats.chain import planned_devices, stage_recipes
 from tats.cli import app
 from tats.cli.run import run_config
 from tats.pipeline.features import FeaturesConfig, FeaturesRecipe
@@ -80,3 +80,24 @@ def test_auto_picks_the_gpu(capsys):
     assert capsys.readouterr().out.splitlines() == [
         "tracks: lk on cpu, fp32 (it runs on the CPU only)"
     ]
+
+
+def test_precision_reaches_both_stages_and_run_json():
+    command = typer.main.get_command(app).commands["run"]
+    words = ["-m", "ssv2.csv", "-o", "runs/x", "--recipe", "tats/ssv2_small", "--precision", "fp32"]
+    config = run_config(command.make_context("run", words).params)
+    tracks, features = stage_recipes(config)
+    assert tracks.precision == features.precision == "fp32"
+    assert config.to_dict()["extraction"]["precision"] == "fp32"
+    default = run_config(command.make_context("run", words[:-2]).params)
+    assert [r.precision for r in stage_recipes(default)] == ["auto", "auto"]
+
+
+def test_a_precision_a_model_lacks_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, not 'half'"):
+        FeaturesRecipe(FeaturesConfig(backbone="pixels"), precision="half")
+    with pytest.raises(ValueError, match="the lk tracker computes in fp32 only, not 'bf16'"):
+        TracksRecipe(TracksConfig(tracker="lk", grid=4), precision="bf16").build()
+    with pytest.raises(ValueError, match="backbone 'pixels' computes in fp32 only, not 'bf16'"):
+        FeaturesRecipe(FeaturesConfig(backbone="pixels"), precision="bf16").build()
+    assert TracksRecipe(TracksConfig(tracker="lk", grid=4), precision="fp32").build()

@@ -39,6 +39,11 @@ SCHEDULER = typer.Option(
     show_default="local:2",
 )
 PROGRESS = typer.Option(True, help="Show progress bars.")
+PRECISION = typer.Option(
+    "auto", help="Arithmetic of the tracker and the backbone: auto (bf16 on CUDA and on CPUs "
+    "with bf16 matrix units, AMX or AVX512-BF16; else fp32), bf16, or fp32 (the figures of "
+    "docs/faithful.md; no TF32 on CUDA). The stores record it; lk and pixels compute in fp32."
+)
 
 # Stage one: shares, leases, the time base, the store's layout.
 SHARD_INDEX = typer.Option(
@@ -69,7 +74,11 @@ WEBM_NATIVE = typer.Option(
     True, help="Keep .webm videos (Something-Something v2) at their native frame rate."
 )
 SHARD_SIZE = typer.Option(64, help="Videos per store shard (one file per array and shard).")
-TRACKS_BATCH = typer.Option(1, help="Videos per tracker call.")
+TRACKS_BATCH = typer.Option(
+    None,
+    help="Videos per tracker call (CoTracker3 packs them into GPU batches by their points).",
+    show_default="8 on a GPU, 1 on a CPU",
+)
 FEATURES_BATCH = typer.Option(4, help="Videos per backbone forward.")
 
 # The stages' weights and tracker settings (a checkpoint's training stores name the files
@@ -84,7 +93,7 @@ TRACKER_OPTION = typer.Option(
     [],
     help="A tracker setting KEY=VALUE, repeatable; cotracker3: from_query_frame=false "
     "(track whole clips, as the official code), passes=per_query_frame, "
-    "max_offline_frames=N, online_checkpoint=PATH, precision=fp32; official: "
+    "max_offline_frames=N, online_checkpoint=PATH; official: "
     "model=cotracker2 (or cotracker2v1, cotracker3), passes=per_query_frame, "
     "support_grid=false, online=true.",
     show_default=False,

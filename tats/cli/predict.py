@@ -41,8 +41,9 @@ def predict(
         "where there is one, else the CPU), cpu, cuda, cuda:1, ..."
     ),
     workers: int = typer.Option(2, help="Decoding processes (and clip readers for the model)."),
-    tracks_batch: int = opt.TRACKS_BATCH,
+    tracks_batch: int | None = opt.TRACKS_BATCH,
     features_batch: int = opt.FEATURES_BATCH,
+    precision: str = opt.PRECISION,
     batch_clips: int = typer.Option(32, help="Clips per model forward."),
     video_timeout: float = opt.VIDEO_TIMEOUT,
     executor: str = opt.EXECUTOR,
@@ -58,8 +59,8 @@ def predict(
             checkpoint, support, query, out, video_root=video_root,
             tracker_checkpoint=tracker_weights, tracker_options=parse_options(tracker_option),
             weights=backbone_weights, cluster_weights=cluster_weights, device=device,
-            tracks_batch=tracks_batch,
-            features_batch=features_batch, workers=workers, batch_clips=batch_clips,
+            tracks_batch=tracks_batch, features_batch=features_batch, precision=precision,
+            workers=workers, batch_clips=batch_clips,
             progress=progress, executor=executor, scheduler=scheduler,
             video_timeout=video_timeout or None,
         )  # fmt: skip

@@ -95,8 +95,9 @@ def run(
         show_default="auto",
     ),
     workers: int = opt.WORKERS,
-    tracks_batch: int = opt.TRACKS_BATCH,
+    tracks_batch: int | None = opt.TRACKS_BATCH,
     features_batch: int = opt.FEATURES_BATCH,
+    precision: str = opt.PRECISION,
     train_config: Path | None = typer.Option(
         None, help="Training options (JSON or TOML, as for tats-train --train-config)."
     ),
@@ -185,7 +186,8 @@ def run_config(options: dict, command_line: dict | None = None):
         tracker_options=parse_options(o["tracker_option"]), video_root=o["video_root"],
         tracker_checkpoint=o["tracker_weights"], weights=o["backbone_weights"],
         device=o["device"], workers=o["workers"], tracks_batch=o["tracks_batch"],
-        features_batch=o["features_batch"], progress=o["progress"], train_out=o["train_out"],
+        features_batch=o["features_batch"], precision=o["precision"], progress=o["progress"],
+        train_out=o["train_out"],
         fixes=o["fixes"], protocol=o["protocol"], command_line=command_line,
     )  # fmt: skip
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tats.pipeline.weights import file_sha256, read_tensor_file
-from tats.runtime import extraction_precision
+from tats.runtime import extraction_precision, fp32_only
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -181,8 +181,10 @@ def create_backbone(
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     extraction_precision(precision, "cpu")  # a bad name fails before the model is built
+    if name not in DINOV2_MODELS:
+        fp32_only(f"backbone {name!r}", precision)
     backbone = _BACKBONES[name](weights=weights, device=device, preprocess=preprocess, **kwargs)
-    backbone.precision_choice = precision  # `pixels` computes in fp32 whatever it is told
+    backbone.precision_choice = precision
     return backbone
 
 

@@ -31,7 +31,7 @@ from tats.pipeline.augment import AugmentConfig, augment_clip, view_seed
 from tats.pipeline.backbones import Backbone, Preprocess, create_backbone
 from tats.pipeline.executors import extract
 from tats.pipeline.runner import RunSummary
-from tats.runtime import announce, device_line, pick_device
+from tats.runtime import announce, device_line, extraction_precision, pick_device
 from tats.stores import FEATURES, RowStore, features_fields
 from tats.video import decode_size, probe, read_frames, stored_frames, timeline
 
@@ -150,7 +150,11 @@ class FeaturesRecipe:
     device: str = "auto"  # auto: CUDA where there is one
     batch_videos: int = 4
     backbone_options: tuple[tuple[str, object], ...] = ()
+    precision: str = "auto"  # auto: bf16 where the device has bf16 units, else fp32
     name: str = "features"
+
+    def __post_init__(self) -> None:
+        extraction_precision(self.precision, "cpu")  # a bad name fails before any work
 
     def build(self) -> FeaturesStage:
         """The backbone on the device picked; says so in one line."""
@@ -160,7 +164,7 @@ class FeaturesRecipe:
             weights=self.weights,
             device=device,
             preprocess=self.config.preprocess,
-            **dict(self.backbone_options),
+            **{"precision": self.precision, **dict(self.backbone_options)},
         )
         where = device_line(self.device, device, backbone.precision)
         announce(f"{self.name}: {backbone.name} on {where}")
@@ -179,11 +183,14 @@ def extract_features(
     device: str = "auto",
     batch_videos: int = 4,
     backbone_options: dict | None = None,
+    precision: str = "auto",
     **run,
 ) -> RunSummary:
     """Run this process's share of the features stage (see `executors.extract` for `run`).
 
-    `backbone_options` go to the model constructor (small test models: `{"depth": 2}`).
+    `backbone_options` go to the model constructor (small test models: `{"depth": 2}`);
+    `precision` is the backbone's arithmetic: auto (bf16 where the device has bf16 units),
+    bf16 or fp32.
     """
     recipe = FeaturesRecipe(
         config,
@@ -191,5 +198,6 @@ def extract_features(
         device,
         batch_videos,
         tuple(sorted((backbone_options or {}).items())),
+        precision,
     )
     return extract(recipe, manifest, out, **run)

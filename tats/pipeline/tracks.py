@@ -31,7 +31,7 @@ from tats.pipeline.backbones import Backbone
 from tats.pipeline.executors import extract
 from tats.pipeline.runner import RunSummary
 from tats.pipeline.trackers import Tracker, create_tracker
-from tats.runtime import announce, device_line, pick_device
+from tats.runtime import announce, device_line, extraction_precision, pick_device
 from tats.stores import TRACKS, RowStore, tracks_fields
 from tats.video import decode_size, probe, read_frames, stored_frames, timeline
 
@@ -295,16 +295,20 @@ class TracksRecipe:
     device: str = "auto"  # auto: CUDA where there is one (the lk tracker: the CPU)
     batch_videos: int | None = None  # None: GPU_BATCH on a GPU (the tracker packs them), else 1
     cluster_weights: str | None = None  # semantic queries: the clustering backbone's weights
+    precision: str = "auto"  # the tracker's: auto, bf16 or fp32 (lk, official: fp32 only)
     name: str = "tracks"
+
+    def __post_init__(self) -> None:
+        extraction_precision(self.precision, "cpu")  # a bad name fails before any work
 
     def build(self) -> TracksStage:
         """The tracker (and clustering backbone) on the device picked; says so in one line."""
         device = pick_device(self.device, cpu_only=self.config.tracker in CPU_TRACKERS)
+        options = dict(self.tracker_options)
+        if self.precision != "auto":  # trackers without a choice (lk, official) keep theirs
+            options["precision"] = self.precision
         tracker = create_tracker(
-            self.config.tracker,
-            checkpoint=self.checkpoint,
-            device=str(device),
-            **dict(self.tracker_options),
+            self.config.tracker, checkpoint=self.checkpoint, device=str(device), **options
         )
         precision = getattr(tracker, "precision", "fp32")
         where = device_line(self.device, device, precision)
@@ -335,13 +339,15 @@ def extract_tracks(
     device: str = "auto",
     batch_videos: int | None = None,
     cluster_weights: str | Path | None = None,
+    precision: str = "auto",
     **run,
 ) -> RunSummary:
     """Run this process's share of the tracks stage (see `executors.extract` for `run`).
 
     `tracker_options` go to the tracker's constructor (and into its identity);
     `cluster_weights` are the weights of semantic queries' clustering backbone (default: the
-    backbone's caches).
+    backbone's caches); `precision` is the tracker's arithmetic: auto (bf16 where the device
+    has bf16 units), bf16 or fp32.
     """
     recipe = TracksRecipe(
         config,
@@ -350,5 +356,6 @@ def extract_tracks(
         device,
         batch_videos,
         None if cluster_weights is None else str(cluster_weights),
+        precision,
     )
     return extract(recipe, manifest, out, **run)

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from tats.pipeline.trackers import TrackerIdentity, register_tracker
+from tats.runtime import fp32_only
 
 
 @register_tracker("lk")
@@ -29,7 +30,9 @@ class LKTracker:
         window: int = 7,
         levels: int = 3,
         fb_threshold: float = 1.0,
+        precision: str = "fp32",
     ):
+        self.precision = fp32_only("the lk tracker", precision)
         if checkpoint is not None:
             raise ValueError("the lk tracker takes no checkpoint")
         if not str(device).startswith("cpu"):

@@ -33,6 +33,7 @@ from tats.pipeline.trackers.cotracker3 import (
     resolve_checkpoint,
 )
 from tats.pipeline.weights import file_sha256
+from tats.runtime import fp32_only
 
 INSTALL_HINT = "pip install git+https://github.com/facebookresearch/co-tracker"
 # CoTracker2 models of the official hub (`hubconf.py`): the window of both predictors.
@@ -67,7 +68,9 @@ class OfficialCoTracker:
         passes: str = "joint",
         support_grid: bool = True,
         model_resolution: tuple[int, int] = MODEL_RESOLUTION,
+        precision: str = "fp32",
     ):
+        self.precision = fp32_only("the official tracker adapter", precision)
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
         if passes not in PASSES:
