@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -312,6 +313,7 @@ def main() -> None:
         "reference": reference,
         "reference_motion": moved,
         "device": args.device,
+        "threads": args.threads or torch.get_num_threads(),
         "auto_precision": extraction_precision("auto", args.device),
         "torch": torch.__version__,
         "machine": machine(),
@@ -376,7 +378,7 @@ def machine() -> str:
     except OSError:
         pass
     units = "bf16 units" if bf16_units("cpu") else "no bf16 units"
-    return f"{cpu} ({units}), {torch.get_num_threads()} threads"
+    return f"{cpu} ({units}), {os.cpu_count()} cores"
 
 
 def table(rows: list[dict], reference: str) -> str:

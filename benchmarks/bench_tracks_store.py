@@ -63,7 +63,7 @@ def make_clips(folder: Path) -> Path:
             frames = read_frames(sources[name], wanted)
             path = folder / f"{name}_{start:.1f}.mp4"
             write_video(path, frames, info.fps, crf=18)
-            rows.append(VideoRow(len(rows), path.stem, path.name, name, "train"))
+            rows.append(VideoRow(len(rows), path.stem, str(path), name, "train"))
     write_manifest(rows, folder / "manifest.csv")
     return folder / "manifest.csv"
 
@@ -71,12 +71,14 @@ def make_clips(folder: Path) -> Path:
 def extract(code: Path, manifest: Path, out: Path, weights: Path, *extra: str, env=None):
     """`tats-extract tracks` of the tree at `code`, as a process."""
     command = [sys.executable, "-c", "from tats.cli.extract import app; app()", "tracks",
-               "--manifest", str(manifest), "--out", str(out), "--no-progress", *extra]  # fmt: skip
+               "--manifest", str(manifest), "--video-root", str(manifest.parent),
+               "--out", str(out), "--no-progress", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(code), **(env or {})}
     weights_option = "--checkpoint" if code != REPO else _weights_option()
     command += [weights_option, str(weights)]
+    # cwd: `python -c` puts the working folder first on sys.path, before PYTHONPATH
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, cwd=code)  # fmt: skip
 
 
 def _weights_option() -> str:
