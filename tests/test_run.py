@@ -148,13 +148,21 @@ def test_run_method_presets_reach_the_tracks_and_the_trainer(synth_dataset, tmp_
     ]  # fmt: skip
     trokens = subprocess.run([*command, "--out", str(tmp_path / "trokens")], capture_output=True,
                              text=True, timeout=600)  # fmt: skip
-    assert trokens.returncode == 2 and "classes with at least 7 usable" in trokens.stderr
-    config = RowStore.open(tmp_path / "trokens" / "tracks.zarr", TRACKS).provenance["config"]
-    assert config["queries"] == "semantic" and config["semantic"]["backbone"] == "pixels"
-    # --queries overrides the preset's; training still gets the rest of it (cluster sampling).
+    # checked before any work: nothing extracted for a run that cannot train
+    assert trokens.returncode == 2 and "5-way episodes need 5" in trokens.stderr
+    assert not (tmp_path / "trokens").exists()
     config = tmp_path / "train.json"
     config.write_text(json.dumps({**SMALL_MODEL, "way": 3}))
     command[command.index(str(manifest))] = str(synth_dataset)
+    shown = subprocess.run([*command, "--out", str(tmp_path / "shown"), "--train-config",
+                            str(config), "--print-config"],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    shown = json.loads(shown.stdout[shown.stdout.index("{"):])
+    tracks = shown["stages"]["tracks"]
+    assert tracks["queries"] == "semantic" and tracks["semantic"]["backbone"] == "pixels"
+    assert shown["trainings"]["train"]["cluster_sampling"] is True
+    # --queries overrides the preset's; training still gets the rest of it (cluster sampling).
     grid = subprocess.run([*command, "--queries", "uniform:8", "--grid", "6", "--out",
                            str(tmp_path / "grid"), "--train-config", str(config)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -165,24 +173,36 @@ def test_run_method_presets_reach_the_tracks_and_the_trainer(synth_dataset, tmp_
 
 
 def test_the_chain_is_a_library_call(synth_dataset, tmp_path):
-    """`resolve_run` + `run_chain`: what the command does, without the command (two epochs of
-    nothing to train are not needed: a manifest too small to train stops after extraction)."""
+    """`resolve_run` + `run_chain`: what the command does, without the command: the checks
+    first (a manifest too small to train stops before any work), then both stages and
+    training."""
     from tats.chain import resolve_run, run_chain
     from tats.manifest import read_manifest, write_manifest
 
+    rows = read_manifest(synth_dataset).rows
+    stages = {"frames": 4, "tracks": {"tracker": "lk", "grid": 4},
+              "features": {"backbone": "pixels", "views": 1}, "workers": 0,
+              "progress": False}  # fmt: skip
     manifest = tmp_path / "few.csv"
-    write_manifest([r for r in read_manifest(synth_dataset).rows if r.row % 12 == 0], manifest)
-    config = resolve_run(
-        manifest, tmp_path / "run", recipe="tats/ssv2_small", frames=4,
-        tracks={"tracker": "lk", "grid": 4}, features={"backbone": "pixels", "views": 1},
-        train={"way": 3}, workers=0, progress=False,
-    )  # fmt: skip
+    write_manifest([r for r in rows if r.row % 12 == 0], manifest)
+    config = resolve_run(manifest, tmp_path / "few", recipe="tats/ssv2_small",
+                         train={"way": 3}, **stages)  # fmt: skip
     assert config.train.episodes == 2000 and config.tracks.frames == config.features.frames == 4
     seen = []
-    with pytest.raises(ValueError, match="usable"):
-        run_chain(config, report=lambda stage, summary: seen.append((stage, summary.videos_done)))
-    assert seen == [("tracks", 6), ("features", 6)]
+
+    def report(stage, summary):
+        seen.append((stage, summary.videos_done))
+
+    with pytest.raises(ValueError, match="3-way episodes need 3"):
+        run_chain(config, report=report)
+    assert seen == [] and not (tmp_path / "few").exists()
+    manifest = tmp_path / "all.csv"
+    write_manifest(list(rows), manifest)
+    config = resolve_run(manifest, tmp_path / "run", train={**SMALL_MODEL, "way": 3}, **stages)
+    result = run_chain(config, report=report)
+    assert seen == [("tracks", len(rows)), ("features", len(rows))]
+    assert result.train.test is not None
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["manifest"] == "../few.csv" and record["tracks"] == "tracks.zarr"
+    assert record["manifest"] == "../all.csv" and record["tracks"] == "tracks.zarr"
     positions = zarr.open_group(tmp_path / "run" / "tracks.zarr", mode="r")["positions"]
     assert positions.shape[1] == 4 and np.isfinite(positions[:]).all()
