@@ -7,7 +7,7 @@
 
 Each step runs in its own process group with its own time budget; a step that fails or runs
 out of time is killed and recorded as such, and the next step runs. The budgets add up to
-470 s, inside the run's 8 minutes (`--budget` scales them all). Steps:
+465 s, inside the run's 8 minutes (`--budget` scales them all). Steps:
 
   install    the wheels carried in (benchmarks/fetch_wheels.sh) into a temporary target,
              where zarr, numcodecs, av, dask or distributed do not import; the
@@ -82,7 +82,7 @@ STEPS = (
          "at batches 1, 8, 16, in fp32, the exact mode; bf16 vs fp32 px"),
     Step("features", 70, True, "DINOv2 ViT-B/14 frames/s through the features stage, decode "
          "workers, 1 and 5 views"),
-    Step("train", 100, True, "training episodes/s from the stores (5-way 1-shot, default model) "
+    Step("train", 95, True, "training episodes/s from the stores (5-way 1-shot, default model) "
          "and data wait; the original data path"),
 )  # fmt: skip
 
