@@ -263,6 +263,17 @@ def resolve_run(
         train_config = config_from_dict({**train_options, **paths})
     except (TypeError, ValueError) as error:
         raise blame(error, origin["train"], fallback) from None
+    if train_config.cluster_sampling and tracks_config.queries != SEMANTIC:
+        by_method = "the default"
+        if method:
+            by_method = f"{origin['train'].get('method', '--method')} {method}"
+        sampling = origin["train"].get("cluster_sampling") or by_method
+        queries = origin["tracks"].get("queries") or by_method
+        raise ValueError(
+            f"{sampling}: cluster sampling reads each point's cluster, which only semantic "
+            f"queries store, and the tracks' queries are {tracks_config.queries!r} ({queries}); "
+            f"give --queries semantic, or cluster_sampling = false in --train-config"
+        )  # fmt: skip
     return RunConfig(
         manifest=manifest, out=out, tracks=tracks_config, features=features_config,
         train=train_config, method=method, recipe=chosen.name if chosen else None,

@@ -42,7 +42,7 @@ from tats.fewshot import (
 )
 from tats.fixes import FIX_NAMES
 from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
-from tats.runtime import Runtime, amp_modes, device_line, inference_amp
+from tats.runtime import Runtime, device_line, inference_amp
 from tats.stores import StoreError
 
 EVAL_BATCH = 32  # clips per forward when each clip is embedded once
@@ -333,8 +333,7 @@ def evaluate(
         raise ValueError(f"episodes must be at least 1, not {episodes}")
     state = load_checkpoint(checkpoint)
     saved = state["config"]
-    amp = amp_modes(saved["amp"], device, tuple(saved.get("fixes", FIX_NAMES)))[1]
-    rt = Runtime.setup(device, inference_amp(amp, device), workers, saved["prefetch"])
+    rt = Runtime.setup(device, inference_amp(saved, device), workers, saved["prefetch"])
     rt.log(f"evaluate: {device_line(device, rt.device, rt.precision)}")
     data = EpisodeData.open(tracks, features, manifest)
     check_stores_match(state, data.tracks, data.features, Path(checkpoint))

@@ -4,12 +4,13 @@ handful of its clips extracted with the run's own settings on this machine's dev
     forecast = plan_run(config, manifest, clips=8)
     print("\\n".join(forecast.lines(time_limit=12 * 3600)))
 
-Measured on the sample (in a temporary folder): each stage's model load, its seconds per
-video (features: per view, since training videos get every view and the others view 0), the
-stores' bytes per row after compression and their files per unit, the peak memory of the
-process (and of a decoding process, and of the GPU); and the model's seconds per training
-episode and per clip embedded for evaluation, on inputs read from the sample's stores. The
-projection scales these to the manifest: seconds = load + per video x videos (one process; a
+Measured on the sample (in a temporary folder): each stage's time once per process (the model
+loaded, the store made, workers started) and its units' seconds per video (features: per view,
+since training videos get every view and the others view 0), the stores' bytes per row after
+compression and their files per unit, the peak memory of the process (and of a decoding
+process, and of the GPU); then, on the sample's stores, the seconds of a training episode (the
+trainer's own epoch), of a clip embedded for evaluation and of an episode matched. The
+projection scales these to the manifest: seconds = once + per video x videos (one process; a
 Slurm array of K tasks divides the videos), bytes = measured compression x the exact
 uncompressed size of every row, files = fixed files + files per unit x units. Time is
 projected for the machine and load of the moment: measure on a quiet machine.
@@ -31,6 +32,7 @@ import numpy as np
 from tats.manifest import SPLITS, Manifest, VideoRow, read_manifest, write_manifest
 
 PLAN_CLIPS = 8
+TIMED_SECONDS = 10.0  # of training timed (4 to 32 episodes, after as many to warm up)
 SLURM_MARGIN = 0.8  # of the wall-time limit a task plans to use (startup, slow nodes)
 
 
@@ -40,7 +42,7 @@ class StageCost:
 
     name: str
     device: str
-    load_seconds: float  # building the tracker or backbone (once per process)
+    load_seconds: float  # building the model, the store and the workers (once per process)
     seconds_per_item: float  # per video (tracks), per view (features)
     items: int  # videos (tracks) or views (features) of the whole manifest
     bytes: int  # the store, projected (compressed as measured)
@@ -69,16 +71,19 @@ class TrainCost:
     device: str
     precision: str
     seconds_per_episode: float
-    seconds_per_clip: float  # embedding one clip for evaluation
+    seconds_per_clip: float  # reading and embedding one clip for evaluation
+    seconds_per_match: float  # matching one evaluation episode (its clips embedded)
     episodes: int  # training episodes, all epochs
-    clips_embedded: int  # val clips x epochs + test clips
+    clips_embedded: int  # by every validation pass and test pass
+    episodes_matched: int  # by the same passes
     peak_rss: int
     peak_gpu: int | None
 
     @property
     def seconds(self) -> float:
-        embedding = self.seconds_per_clip * self.clips_embedded
-        return self.seconds_per_episode * self.episodes + embedding
+        evaluation = self.seconds_per_clip * self.clips_embedded
+        evaluation += self.seconds_per_match * self.episodes_matched
+        return self.seconds_per_episode * self.episodes + evaluation
 
 
 @dataclass(frozen=True)
@@ -122,9 +127,9 @@ class Forecast:
                 f"{'':>10} {'':>10} {'':>8} {gb(t.peak_rss):>12}{gpu}"
             )
             out.append(
-                f"    ({t.episodes:,} episodes at {t.seconds_per_episode:.3f} s, "
-                f"{t.clips_embedded:,} clips embedded for val and test at "
-                f"{1000 * t.seconds_per_clip:.1f} ms)"
+                f"    ({t.episodes:,} episodes at {t.seconds_per_episode:.3f} s; val and test "
+                f"embed {t.clips_embedded:,} clips at {1000 * t.seconds_per_clip:.1f} ms and "
+                f"match {t.episodes_matched:,} episodes at {1000 * t.seconds_per_match:.1f} ms)"
             )
         total = sum(s.seconds for s in self.stages) + (self.train.seconds if self.train else 0)
         stores = sum(s.bytes for s in self.stages)
@@ -171,6 +176,7 @@ def plan_run(config, manifest: Manifest, clips: int = PLAN_CLIPS, train: bool = 
     docstring). The run folder is not touched."""
     from tats.chain import STORES, stage_recipes
     from tats.pipeline.executors import build_stage, extract
+    from tats.pipeline.ledger import Ledger
 
     if clips < 2:
         raise ValueError(f"--plan-clips must be at least 2, not {clips}")
@@ -208,21 +214,28 @@ def plan_run(config, manifest: Manifest, clips: int = PLAN_CLIPS, train: bool = 
             items = _items(recipe.name, config, manifest)
             sample_items = _items(recipe.name, config, sample)
             store = folder / STORES[recipe.name]
+            # What grows with the videos is the units' own time (decoding, computing, writing:
+            # their ledger records); the rest of the stage's (the store made, workers started)
+            # comes once per process, like the model's load.
+            with Ledger(store / "ledger") as ledger:
+                unit_seconds = sum(r.seconds.get("total", 0) + r.seconds.get("write", 0)
+                                   for r in ledger.records().values())  # fmt: skip
+            once = max(0.0, seconds - unit_seconds)
             data_bytes = _data_bytes(store)
             raw_full, raw_sample = _raw_bytes(recipe.name, config, stage, manifest, sample)
             fixed, per_unit = _files(store, units=2 if first_unit < len(picked) else 1)
             per_kind = {"train": per_unit[0], "other": per_unit[-1]}
             costs.append(StageCost(
-                name=recipe.name, device=_device_text(stage), load_seconds=load,
-                seconds_per_item=seconds / sample_items, items=items,
+                name=recipe.name, device=_device_text(stage), load_seconds=load + once,
+                seconds_per_item=unit_seconds / sample_items, items=items,
                 bytes=round(data_bytes / raw_sample * raw_full) + _meta_bytes(store),
                 files=fixed + sum(per_kind[k] * n for k, n in kinds.items()),
                 peak_rss=_peak_rss(), peak_gpu=_peak_gpu(),
             ))  # fmt: skip
             measured[recipe.name] = {
-                "seconds": seconds, "load_seconds": load, "items": sample_items,
-                "data_bytes": data_bytes, "raw_bytes": raw_sample, "fixed_files": fixed,
-                "files_per_unit": per_kind,
+                "seconds": seconds, "unit_seconds": unit_seconds, "load_seconds": load,
+                "items": sample_items, "data_bytes": data_bytes, "raw_bytes": raw_sample,
+                "fixed_files": fixed, "files_per_unit": per_kind,
             }  # fmt: skip
         train_cost = _train_cost(config, manifest, sample, folder) if train else None
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -318,75 +331,109 @@ def _peak_gpu() -> int | None:
 
 
 def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> TrainCost:
-    """Seconds per training episode (forward, matching, loss, backward, step) and per clip
-    embedded, with the run's model and precision on inputs read from the sample's stores."""
+    """Seconds per training episode from the trainer's own epoch (`tats.train.train_epoch` on
+    its DataLoader: the reads, augmentation and step), per clip embedded from evaluation's
+    (`embed_groups`: the reads and forward), and per episode matched (`hausdorff_scores` on an
+    episode's tokens, the matching of the per-episode path, which the embed-once path batches);
+    with the run's model, precision and workers, on the sample's clips dealt out to the
+    episodes' classes, each timed after a warm-up."""
+    import contextlib
+    import io
+
     import torch
 
-    from tats.episodes import EpisodeData, EpisodeSpec
-    from tats.evaluate import EVAL_BATCH, evaluation_options
-    from tats.fewshot import episode_loss, hausdorff_scores
-    from tats.model import MODEL_INPUTS, ModelConfig, TATsModel
-    from tats.runtime import Runtime
-    from tats.train import param_groups
+    from tats.episodes import EpisodeData, EpisodeKeys, EpisodeSpec, ReadOptions, SplitClasses
+    from tats.evaluate import EVAL_BATCH, embed_groups, evaluation_options
+    from tats.fewshot import hausdorff_scores
+    from tats.model import ModelConfig, TATsModel
+    from tats.runtime import Runtime, amp_modes, autocast_dtype
+    from tats.train import param_groups, train_epoch
 
     cfg = config.train
     _reset_peaks()
-    rt = Runtime.setup(cfg.device, cfg.amp, 0, 1)
+    train_amp, eval_amp = amp_modes(cfg.amp, cfg.device, cfg.fixes)
+    rt = Runtime.setup(cfg.device, train_amp, cfg.workers, cfg.prefetch)
+    eval_rt = replace(rt, amp_dtype=autocast_dtype(eval_amp, rt.device))
     data = EpisodeData.open(folder / "tracks.zarr", folder / "features.zarr", sample)
-    clips = data.clips(data.usable, evaluation_options(cfg.to_dict()))
-    read = [clips[i] for i in range(len(clips))]
+    rows = data.usable
+    train_rows = rows[sample.rows.splits[rows] == SPLITS.index("train")]
     spec = EpisodeSpec(cfg.way, cfg.shot, cfg.train_queries)
-    n = spec.way * spec.per_class
-
-    def batch_of(count: int) -> dict:
-        picks = [read[i % len(read)] for i in range(count)]
-        return rt.to_device({k: torch.stack([p[k] for p in picks]) for k in MODEL_INPUTS})
-
-    classes = len(manifest.classes("train"))
+    # Every class holds every training clip of the sample, as often as an episode draws it.
+    dealt = np.resize(train_rows if len(train_rows) else rows, max(len(rows), spec.per_class))
+    classes = SplitClasses("train", tuple(map(str, range(spec.way))), (dealt,) * spec.way,
+                           np.arange(spec.way))  # fmt: skip
     model_cfg = ModelConfig(
         feature_dim=data.feature_dim, width=cfg.width, depth=cfg.depth, num_heads=cfg.heads,
         mlp_ratio=cfg.mlp_ratio, num_frames=data.num_frames, grid_size=data.grid[0],
-        num_classes=classes, sampling=cfg.sampling, drop_path_rate=cfg.drop_path,
-        motion=cfg.motion, hod_bins=cfg.hod_bins, num_points=data.points,
+        num_classes=len(manifest.classes("train")), sampling=cfg.sampling,
+        drop_path_rate=cfg.drop_path, motion=cfg.motion, hod_bins=cfg.hod_bins,
+        num_points=data.points, fixes=cfg.fixes,
     )  # fmt: skip
     model = TATsModel(model_cfg).to(rt.device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    episode = batch_of(n)
-    labels = torch.arange(spec.way, device=rt.device).repeat_interleave(spec.per_class)
-    support = spec.way * spec.shot
-    order = torch.cat([torch.arange(c * spec.per_class, c * spec.per_class + spec.shot)
-                       for c in range(spec.way)])  # fmt: skip
-    rest = torch.tensor([i for i in range(n) if i not in set(order.tolist())])
-    labels = labels[torch.cat([order, rest])]
-    targets = torch.randint(0, classes, (n,), device=rt.device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.fixes), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    options = ReadOptions(cfg.augment, cfg.fresh_subset, cfg.tracks_mode, cfg.mask,
+                          cfg.cluster_sampling, cfg.fill)  # fmt: skip
+    dataset = data.dataset("train", spec, options, cfg.seed, 0, classes)
 
-    def step() -> None:
-        with rt.autocast():
-            tokens, logits = model(**episode)
-            scores = hausdorff_scores(tokens[:support], labels[:support], tokens[support:],
-                                      spec.way, spec.shot)  # fmt: skip
-            loss = episode_loss(scores, labels[support:], logits, targets, cfg.episode_weight,
-                                cfg.cls_weight)  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        optimizer.step()
+    def epochs(episodes: int, count: int) -> float:
+        """The seconds of the last of `count` epochs of `episodes` on one DataLoader (the
+        first starts its workers): with enough episodes, the loader's reads run beside the
+        steps as in a run's epoch, rather than all ahead of them."""
+        loader = rt.loader(dataset, EpisodeKeys(range(episodes)))
+        timed = replace(cfg, episodes=episodes, log_every=episodes)
+        with contextlib.redirect_stdout(io.StringIO()):  # the trainer's progress lines
+            for epoch in range(count):
+                seconds = train_epoch(model, loader, optimizer, scaler, timed, spec, epoch, rt,
+                                      None)["seconds"]  # fmt: skip
+        return seconds
 
-    per_episode = _timed(step, rt.device)
+    first = epochs(1, 1)  # an upper bound of an episode's seconds
+    episodes = min(max(round(TIMED_SECONDS / first), 4), 32)
+    per_episode = epochs(episodes, 2) / episodes
+
     model.eval()
-    evaluation = batch_of(EVAL_BATCH)
+    clips = np.resize(rows, EVAL_BATCH * 2)
+    read = evaluation_options(cfg.to_dict())
 
-    def embed() -> None:
-        with torch.inference_mode(), rt.autocast():
-            model(**evaluation)
+    def embed_clips() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([t for _, t in embed_groups(model, data, [clips], read, eval_rt)])
 
-    per_clip = _timed(embed, rt.device) / EVAL_BATCH
-    val = len(manifest.split_rows("val")) if cfg.val_episodes else 0
-    test = len(manifest.split_rows("test")) if cfg.test_episodes else 0
+    tokens = embed_clips()
+    per_clip = _timed(embed_clips, rt.device, repeats=1) / len(clips)
+    test_spec = EpisodeSpec(cfg.way, cfg.shot, cfg.test_queries)
+    episode = tokens[np.arange(test_spec.way * test_spec.per_class) % len(tokens)].float()
+    labels = torch.arange(test_spec.way, device=rt.device).repeat_interleave(test_spec.shot)
+    support = test_spec.num_support
+
+    def match() -> None:
+        hausdorff_scores(episode[:support], labels, episode[support:], test_spec.way,
+                         test_spec.shot)  # fmt: skip
+
+    per_match = _timed(match, rt.device, repeats=10)
+    embedded, matched = _evaluation_passes(cfg, manifest)
     return TrainCost(
-        device=str(rt.device), precision=rt.precision, seconds_per_episode=per_episode,
-        seconds_per_clip=per_clip, episodes=cfg.episodes * cfg.epochs,
-        clips_embedded=val * cfg.epochs + test, peak_rss=_peak_rss(), peak_gpu=_peak_gpu(),
+        device=str(rt.device), precision=rt.precision,
+        seconds_per_episode=per_episode, seconds_per_clip=per_clip,
+        seconds_per_match=per_match, episodes=cfg.episodes * cfg.epochs,
+        clips_embedded=embedded, episodes_matched=matched, peak_rss=_peak_rss(),
+        peak_gpu=_peak_gpu(),
     )  # fmt: skip
+
+
+def _evaluation_passes(cfg, manifest: Manifest) -> tuple[int, int]:
+    """The clips embedded and the episodes matched by a run's evaluation: a pass over its
+    validation split at each validating epoch, then one over test for each checkpoint tested
+    (best and last, which validation may make two epochs)."""
+    validating = [e for e in range(cfg.epochs) if (e + 1) % cfg.eval_period == 0 or
+                  e + 1 == cfg.epochs] if cfg.val_episodes else []  # fmt: skip
+    val_clips = len(manifest.split_rows(cfg.val_split))
+    tests = (2 if validating and val_clips else 1) if cfg.test_episodes else 0
+    test_clips = len(manifest.split_rows("test"))
+    passes = len(validating) if val_clips else 0
+    return (passes * val_clips + tests * test_clips,
+            passes * cfg.val_episodes + tests * cfg.test_episodes)  # fmt: skip
 
 
 def _timed(work, device, repeats: int = 3) -> float:

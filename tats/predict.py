@@ -158,7 +158,7 @@ def predict(
                          "predictions go to")  # fmt: skip
     state = load_checkpoint(checkpoint)  # checked whole: nothing is extracted for a bad one
     saved = state["config"]
-    rt = Runtime.setup(device, inference_amp(saved["amp"], device), workers, saved["prefetch"])
+    rt = Runtime.setup(device, inference_amp(saved, device), workers, saved["prefetch"])
     rt.log(f"model: {device_line(device, rt.device, rt.precision)}")
     recorded = recorded_stores(state, checkpoint)
     checker = RowChecker()  # video ids unique across both lists

@@ -119,9 +119,13 @@ def announce(line: str) -> None:
     print(line, flush=True)
 
 
-def inference_amp(amp: str, device: str) -> str:
-    """A checkpoint's amp mode for inference on `device`: fp16 autocast exists only on CUDA,
-    so a model trained with it runs in full precision elsewhere."""
+def inference_amp(config: dict, device: str) -> str:
+    """The amp mode a checkpoint runs inference with on `device`, from its training `config`:
+    that of its evaluation (`amp_modes`: the releases' fp32 without the fix "bf16"), and fp32
+    where that is fp16 autocast, which exists only on CUDA."""
+    from tats.fixes import FIX_NAMES
+
+    amp = amp_modes(config["amp"], device, tuple(config.get("fixes", FIX_NAMES)))[1]
     return "off" if amp == "fp16" and resolve_device(device).type != "cuda" else amp
 
 

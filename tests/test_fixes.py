@@ -24,7 +24,7 @@ from tats.methods import TRAIN_KEYS, with_method
 from tats.model import ModelConfig, TATsModel, orientation_histograms
 from tats.pipeline.semantic import semantic_queries
 from tats.pipeline.tracks import TracksConfig, tracks_row
-from tats.runtime import amp_modes
+from tats.runtime import amp_modes, inference_amp
 from tats.train import draw_rank, param_groups
 from tats.train_config import TrainConfig, config_from_dict
 
@@ -180,6 +180,16 @@ def test_bf16_fix_is_what_auto_precision_means():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_fix_off_is_fp16_training_and_fp32_evaluation_on_cuda():
     assert amp_modes("auto", "cuda", without("bf16")) == ("fp16", "off")
+
+
+def test_evaluate_and_predict_run_a_checkpoint_as_its_evaluation_did(monkeypatch):
+    """`inference_amp` (tats evaluate, tats predict) takes the checkpoint's evaluation mode:
+    without the fix "bf16", `auto` is the releases' fp32 on CUDA, as in training's validation."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolves "cuda" only
+    assert inference_amp({"amp": "auto", "fixes": list(without("bf16"))}, "cuda") == "off"
+    assert inference_amp({"amp": "auto", "fixes": list(FIX_NAMES)}, "cuda") == "auto"
+    assert inference_amp({"amp": "auto"}, "cuda") == "auto"  # saved before fixes: all on
+    assert inference_amp({"amp": "fp16", "fixes": []}, "cpu") == "off"  # fp16 needs CUDA
 
 
 def test_metric_fp32_computes_the_distances_in_float32_under_autocast():

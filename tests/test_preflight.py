@@ -71,7 +71,7 @@ def bad_cases(tmp_path: Path, train_json: Path) -> dict[str, tuple[list, str]]:
                         "[features] views = 2.5: expected an integer"),
         "grid = four": (["--recipe", recipe_with(tmp_path, "tracks", "grid", '"four"')],
                         '[tracks] grid = "four": expected an integer'),
-        "epochs = 0": (["--train-config", file_with(tmp_path, '{"epochs": 0}', ".json")],
+        "epochs = 0": (["--train-config", file_with(tmp_path, '{"epochs": 0}', ".e.json")],
                        "epochs must be at least 1, not 0"),
         "--grid 0": (["--train-config", train_json, "--grid", "0"],
                      "--grid: grid must be at least 1, not 0"),
@@ -81,6 +81,9 @@ def bad_cases(tmp_path: Path, train_json: Path) -> dict[str, tuple[list, str]]:
                              "--backbone: unknown backbone 'pixel'; available: "),
         "--method trokenz": (["--method", "trokenz"],
                              "--method: method 'trokenz' is not one of tats, trokens"),
+        "trokens on grids": (["--train-config", train_json, "--method", "trokens", "--queries",
+                              "uniform:8"], "--method trokens: cluster sampling reads each "
+                              "point's cluster, which only semantic queries store"),
     }  # fmt: skip
 
 

@@ -30,8 +30,9 @@ def run(
     ),
     plan: bool = typer.Option(
         False, "--plan", help="Extract a handful of the manifest's clips with the resolved "
-        "settings on this device, time the model, and print what the whole run will cost: "
-        "time per stage, store sizes and files, peak memory, Slurm array sizes; no work in OUT."
+        "settings on this device, time training and evaluation on them, and print what the "
+        "whole run will cost: time per stage, store sizes and files, peak memory, Slurm array "
+        "sizes; no work in OUT."
     ),
     plan_clips: int = typer.Option(8, help="--plan: clips extracted to measure."),
     time_limit: str | None = typer.Option(
