@@ -359,7 +359,8 @@ def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> T
     train_rows = rows[sample.rows.splits[rows] == SPLITS.index("train")]
     spec = EpisodeSpec(cfg.way, cfg.shot, cfg.train_queries)
     # Every class holds every training clip of the sample, as often as an episode draws it.
-    dealt = np.resize(train_rows if len(train_rows) else rows, max(len(rows), spec.per_class))
+    pool = train_rows if len(train_rows) else rows
+    dealt = np.resize(pool, max(len(pool), spec.per_class))
     classes = SplitClasses("train", tuple(map(str, range(spec.way))), (dealt,) * spec.way,
                            np.arange(spec.way))  # fmt: skip
     model_cfg = ModelConfig(

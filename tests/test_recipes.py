@@ -321,7 +321,9 @@ def test_print_config_resolves_every_recipe(name, tmp_path):
 
 def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
     options = tmp_path / "options.json"
-    options.write_text(json.dumps({"episodes": 7, "epochs": 3, "lr": 0.5}))
+    # Grid queries have no clusters to sample by: the file turns the preset's sampling off.
+    options.write_text(json.dumps({"episodes": 7, "epochs": 3, "lr": 0.5,
+                                   "cluster_sampling": False}))  # fmt: skip
     config = resolved("--recipe", "trokens/hmdb", "--manifest", "m.csv", "--out",
                       str(tmp_path / "run"), "--train-config", str(options), "--epochs", "2",
                       "--queries", "uniform:8", "--backbone", "pixels",
@@ -329,6 +331,7 @@ def test_command_line_options_win_over_the_recipe_and_the_file(tmp_path):
     train = config["trainings"]["train"]
     assert (train["episodes"], train["epochs"], train["lr"]) == (7, 2, 0.5)
     assert train["shot"] == 1 and train["motion"] == "both"  # the recipe's, the preset's
+    assert train["cluster_sampling"] is False  # the file's
     tracks = config["stages"]["tracks"]
     assert tracks["queries"] == "uniform:8" and tracks["semantic"] is None
     assert tracks["frames"] == config["stages"]["features"]["frames"] == 4

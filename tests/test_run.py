@@ -162,14 +162,25 @@ def test_run_method_presets_reach_the_tracks_and_the_trainer(synth_dataset, tmp_
     tracks = shown["stages"]["tracks"]
     assert tracks["queries"] == "semantic" and tracks["semantic"]["backbone"] == "pixels"
     assert shown["trainings"]["train"]["cluster_sampling"] is True
-    # --queries overrides the preset's; training still gets the rest of it (cluster sampling).
+    # --queries overrides the preset's, whose cluster sampling then has no clusters to read:
+    # refused before any work.
     grid = subprocess.run([*command, "--queries", "uniform:8", "--grid", "6", "--out",
                            str(tmp_path / "grid"), "--train-config", str(config)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert grid.returncode == 2, grid.stderr
-    assert "cluster sampling needs each point's cluster" in grid.stderr
-    config = RowStore.open(tmp_path / "grid" / "tracks.zarr", TRACKS).provenance["config"]
-    assert config["queries"] == "uniform:8"
+    assert grid.stderr.startswith("error: --method trokens: cluster sampling reads each "
+                                  "point's cluster"), grid.stderr  # fmt: skip
+    assert not (tmp_path / "grid").exists()
+    # With the file turning it off, the rest of the preset stands over grid tracks.
+    config.write_text(json.dumps({**SMALL_MODEL, "way": 3, "cluster_sampling": False}))
+    grid = subprocess.run([*command, "--queries", "uniform:8", "--grid", "6", "--out",
+                           str(tmp_path / "grid"), "--train-config", str(config)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert grid.returncode == 0, grid.stderr
+    tracks = RowStore.open(tmp_path / "grid" / "tracks.zarr", TRACKS).provenance["config"]
+    assert tracks["queries"] == "uniform:8"
+    trained = json.loads((tmp_path / "grid" / "train" / "config.json").read_text())
+    assert (trained["mask"], trained["motion"]) == ("visible", "both")  # the preset's
 
 
 def test_the_chain_is_a_library_call(synth_dataset, tmp_path):

@@ -42,7 +42,8 @@ PROGRESS = typer.Option(True, help="Show progress bars.")
 PRECISION = typer.Option(
     "auto", help="Arithmetic of the tracker and the backbone: auto (bf16 on CUDA and on CPUs "
     "with bf16 matrix units, AMX or AVX512-BF16; else fp32), bf16, or fp32 (the figures of "
-    "docs/faithful.md; no TF32 on CUDA). The stores record it; lk and pixels compute in fp32."
+    "docs/faithful.md; no TF32 on CUDA). The stores record it; lk and pixels compute in fp32, "
+    "and so does the clustering backbone of semantic queries."
 )
 
 # Stage one: shares, leases, the time base, the store's layout.
