@@ -396,6 +396,9 @@ def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> T
     model.eval()
     clips = np.resize(rows, EVAL_BATCH * 2)
     read = evaluation_options(cfg.to_dict())
+    embed_once = read.per_clip
+    if not embed_once:  # points drawn anew per episode: each episode embeds its own clips,
+        read = replace(read, fresh_subset=False, cluster_sampling=False)  # read alike
 
     def embed_clips() -> torch.Tensor:
         with torch.no_grad():
@@ -413,7 +416,7 @@ def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> T
                          test_spec.shot)  # fmt: skip
 
     per_match = _timed(match, rt.device, repeats=10)
-    embedded, matched = _evaluation_passes(cfg, manifest)
+    embedded, matched = evaluation_work(cfg, manifest, embed_once)
     return TrainCost(
         device=str(rt.device), precision=rt.precision,
         seconds_per_episode=per_episode, seconds_per_clip=per_clip,
@@ -423,18 +426,21 @@ def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> T
     )  # fmt: skip
 
 
-def _evaluation_passes(cfg, manifest: Manifest) -> tuple[int, int]:
+def evaluation_work(cfg, manifest: Manifest, embed_once: bool) -> tuple[int, int]:
     """The clips embedded and the episodes matched by a run's evaluation: a pass over its
     validation split at each validating epoch, then one over test for each checkpoint tested
-    (best and last, which validation may make two epochs)."""
+    (best and last, which validation may make two epochs). A pass embeds each clip of its
+    split once, or (`embed_once` False) each episode's clips with it."""
     validating = [e for e in range(cfg.epochs) if (e + 1) % cfg.eval_period == 0 or
                   e + 1 == cfg.epochs] if cfg.val_episodes else []  # fmt: skip
     val_clips = len(manifest.split_rows(cfg.val_split))
     tests = (2 if validating and val_clips else 1) if cfg.test_episodes else 0
     test_clips = len(manifest.split_rows("test"))
     passes = len(validating) if val_clips else 0
-    return (passes * val_clips + tests * test_clips,
-            passes * cfg.val_episodes + tests * cfg.test_episodes)  # fmt: skip
+    episodes = passes * cfg.val_episodes + tests * cfg.test_episodes
+    if not embed_once:
+        return episodes * cfg.way * (cfg.shot + cfg.test_queries), episodes
+    return passes * val_clips + tests * test_clips, episodes
 
 
 def _timed(work, device, repeats: int = 3) -> float:

@@ -168,3 +168,24 @@ def test_training_is_timed_as_the_trainer_runs_it(runs):
     projected = runs["plan"]["train"]["seconds_per_episode"]
     print(f"seconds per training episode: projected {projected:.3f}, measured {measured:.3f}")
     assert 0.4 < projected / measured < 2.5, (projected, measured)
+
+
+def test_a_release_trokens_run_is_planned_with_its_evaluation_episode_by_episode(runs):
+    """Trokens' release draws each clip's points anew in every evaluation episode (the fix
+    "eval-subset" off): evaluation embeds each episode's clips with it, and the plan counts
+    (and times) it so."""
+    folder = runs["folder"]
+    (folder / "small.json").write_text(json.dumps(
+        {"way": 3, "train_queries": 1, "test_queries": 1, "episodes": 2, "epochs": 1,
+         "val_episodes": 2, "test_episodes": 3, "width": 16, "heads": 2, "workers": 0}))  # fmt: skip
+    plan = subprocess.run(
+        [TATS, "run", "--recipe", "trokens/hmdb", "-m", str(runs["manifest"].path), "-o",
+         "trokens", "--tracker", "lk", "--backbone", "pixels", "--views", "1", "--train-config",
+         "small.json", "--plan", "--plan-clips", "4", "--plan-json", "trokens.json",
+         "--no-progress"], cwd=folder, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    train = json.loads((folder / "trokens.json").read_text())["train"]
+    # The release protocol validates on test at the last epoch, then tests best and last.
+    assert train["episodes_matched"] == 2 + 2 * 3
+    assert train["clips_embedded"] == (2 + 2 * 3) * 3 * 2
