@@ -175,9 +175,9 @@ def test_a_release_trokens_run_is_planned_with_its_evaluation_episode_by_episode
     "eval-subset" off): evaluation embeds each episode's clips with it, and the plan counts
     (and times) it so."""
     folder = runs["folder"]
-    (folder / "small.json").write_text(json.dumps(
-        {"way": 3, "train_queries": 1, "test_queries": 1, "episodes": 2, "epochs": 1,
-         "val_episodes": 2, "test_episodes": 3, "width": 16, "heads": 2, "workers": 0}))  # fmt: skip
+    small = {"way": 3, "train_queries": 1, "test_queries": 1, "episodes": 2, "epochs": 1,
+             "val_episodes": 2, "test_episodes": 3, "width": 16, "heads": 2, "workers": 0}
+    (folder / "small.json").write_text(json.dumps(small))
     plan = subprocess.run(
         [TATS, "run", "--recipe", "trokens/hmdb", "-m", str(runs["manifest"].path), "-o",
          "trokens", "--tracker", "lk", "--backbone", "pixels", "--views", "1", "--train-config",
