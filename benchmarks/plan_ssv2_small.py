@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import tempfile
 from pathlib import Path
 
+from bench_cotracker import machine
 from bench_stage_one import random_weights
 from bench_video import make_clip
 
@@ -33,17 +32,6 @@ from tats.importers import import_splits
 from tats.manifest import read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu() -> str:
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        flags = fields.get("Flags", "")
-        extra = ", avx512_bf16" if "avx512_bf16" in flags else ""
-        return f"{fields['Model name'].strip()}, {os.cpu_count()} cores{extra}"
-    except (OSError, KeyError):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -74,7 +62,7 @@ def main() -> None:
     lines = forecast.lines(parse_clock(args.time_limit))
     print("\n".join(lines))
     result = {
-        "machine": cpu(), "recipe": args.recipe, "clips": args.clips,
+        "machine": machine(), "recipe": args.recipe, "clips": args.clips,
         "stand_in_clip": "427x240 VP9 WebM, 12 fps, 45 frames",
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],

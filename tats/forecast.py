@@ -345,9 +345,9 @@ def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> T
     from tats.episodes import EpisodeData, EpisodeKeys, EpisodeSpec, ReadOptions, SplitClasses
     from tats.evaluate import EVAL_BATCH, embed_groups, evaluation_options
     from tats.fewshot import hausdorff_scores
-    from tats.model import ModelConfig, TATsModel
+    from tats.model import TATsModel
     from tats.runtime import Runtime, amp_modes, autocast_dtype
-    from tats.train import param_groups, train_epoch
+    from tats.train import model_config, param_groups, train_epoch
 
     cfg = config.train
     _reset_peaks()
@@ -363,14 +363,7 @@ def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> T
     dealt = np.resize(pool, max(len(pool), spec.per_class))
     classes = SplitClasses("train", tuple(map(str, range(spec.way))), (dealt,) * spec.way,
                            np.arange(spec.way))  # fmt: skip
-    model_cfg = ModelConfig(
-        feature_dim=data.feature_dim, width=cfg.width, depth=cfg.depth, num_heads=cfg.heads,
-        mlp_ratio=cfg.mlp_ratio, num_frames=data.num_frames, grid_size=data.grid[0],
-        num_classes=len(manifest.classes("train")), sampling=cfg.sampling,
-        drop_path_rate=cfg.drop_path, motion=cfg.motion, hod_bins=cfg.hod_bins,
-        num_points=data.points, fixes=cfg.fixes,
-    )  # fmt: skip
-    model = TATsModel(model_cfg).to(rt.device)
+    model = TATsModel(model_config(cfg, data, len(manifest.classes("train")))).to(rt.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.fixes), lr=cfg.lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     options = ReadOptions(cfg.augment, cfg.fresh_subset, cfg.tracks_mode, cfg.mask,
@@ -400,12 +393,14 @@ def _train_cost(config, manifest: Manifest, sample: Manifest, folder: Path) -> T
     if not embed_once:  # points drawn anew per episode: each episode embeds its own clips,
         read = replace(read, fresh_subset=False, cluster_sampling=False)  # read alike
 
-    def embed_clips() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([t for _, t in embed_groups(model, data, [clips], read, eval_rt)])
+    held: list[torch.Tensor] = []  # the last pass's tokens, which the matching is timed on
 
-    tokens = embed_clips()
+    def embed_clips() -> None:
+        with torch.no_grad():
+            held[:] = [t for _, t in embed_groups(model, data, [clips], read, eval_rt)]
+
     per_clip = _timed(embed_clips, rt.device, repeats=1) / len(clips)
+    tokens = torch.cat(held)
     test_spec = EpisodeSpec(cfg.way, cfg.shot, cfg.test_queries)
     episode = tokens[np.arange(test_spec.way * test_spec.per_class) % len(tokens)].float()
     labels = torch.arange(test_spec.way, device=rt.device).repeat_interleave(test_spec.shot)
@@ -431,12 +426,11 @@ def evaluation_work(cfg, manifest: Manifest, embed_once: bool) -> tuple[int, int
     validation split at each validating epoch, then one over test for each checkpoint tested
     (best and last, which validation may make two epochs). A pass embeds each clip of its
     split once, or (`embed_once` False) each episode's clips with it."""
-    validating = [e for e in range(cfg.epochs) if (e + 1) % cfg.eval_period == 0 or
-                  e + 1 == cfg.epochs] if cfg.val_episodes else []  # fmt: skip
     val_clips = len(manifest.split_rows(cfg.val_split))
-    tests = (2 if validating and val_clips else 1) if cfg.test_episodes else 0
+    validates = cfg.val_episodes and val_clips
+    passes = sum(map(cfg.validates_after, range(cfg.epochs))) if validates else 0
+    tests = (2 if passes else 1) if cfg.test_episodes else 0
     test_clips = len(manifest.split_rows("test"))
-    passes = len(validating) if val_clips else 0
     episodes = passes * cfg.val_episodes + tests * cfg.test_episodes
     if not embed_once:
         return episodes * cfg.way * (cfg.shot + cfg.test_queries), episodes

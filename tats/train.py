@@ -206,6 +206,17 @@ def validation_spec(
     return classes, spec
 
 
+def model_config(cfg: TrainConfig, data: EpisodeData, num_classes: int) -> ModelConfig:
+    """The model a run trains: `cfg`'s options over the stores' shapes, a CLS output per
+    training class."""
+    return ModelConfig(
+        feature_dim=data.feature_dim, width=cfg.width, depth=cfg.depth, num_heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio, num_frames=data.num_frames, grid_size=data.grid[0],
+        num_classes=num_classes, sampling=cfg.sampling, drop_path_rate=cfg.drop_path,
+        motion=cfg.motion, hod_bins=cfg.hod_bins, num_points=data.points, fixes=cfg.fixes,
+    )  # fmt: skip
+
+
 def train(config: TrainConfig) -> RunResult:
     """Train (or resume) the run in `config.out`, then evaluate on test the checkpoint its
     protocol tests (best or last), and the other one too where it is of another epoch."""
@@ -240,12 +251,7 @@ def train(config: TrainConfig) -> RunResult:
             except StoreError as error:
                 warnings.warn(f"no validation, best.pt is the last epoch: {error}",
                               EpisodeWarning, 2)  # fmt: skip
-    model_cfg = ModelConfig(
-        feature_dim=data.feature_dim, width=cfg.width, depth=cfg.depth, num_heads=cfg.heads,
-        mlp_ratio=cfg.mlp_ratio, num_frames=data.num_frames, grid_size=data.grid[0],
-        num_classes=len(train_classes.names), sampling=cfg.sampling, drop_path_rate=cfg.drop_path,
-        motion=cfg.motion, hod_bins=cfg.hod_bins, num_points=data.points, fixes=cfg.fixes,
-    )  # fmt: skip
+    model_cfg = model_config(cfg, data, len(train_classes.names))
     check_model_fits(model_cfg, data, data.features.path)
 
     torch.manual_seed(cfg.seed)
@@ -295,8 +301,7 @@ def train(config: TrainConfig) -> RunResult:
         record |= train_epoch(net, train_loader, optimizer, scaler, cfg, train_spec, epoch, rt,
                               writer)  # fmt: skip
         record |= {"val_accuracy": None, "val_ci95": None}
-        validates = (epoch + 1) % cfg.eval_period == 0 or epoch + 1 == cfg.epochs
-        if val_classes is not None and validates:
+        if val_classes is not None and cfg.validates_after(epoch):
             val = eval_result(val_classes, val_spec, episode_predictions(
                 model, data, val_classes, val_spec, eval_options, cfg.val_episodes, cfg.seed,
                 eval_rt,

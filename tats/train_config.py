@@ -121,6 +121,11 @@ class TrainConfig:
         """Validate after every this many epochs, and after the last (TRAIN.EVAL_PERIOD)."""
         return 5 if self.protocol == "release" else 1
 
+    def validates_after(self, epoch: int) -> bool:
+        """Whether validation runs after (0-based) `epoch`: every `eval_period` epochs, and
+        after the last."""
+        return (epoch + 1) % self.eval_period == 0 or epoch + 1 == self.epochs
+
     @property
     def test_checkpoint(self) -> str:
         """Which checkpoint the protocol tests: the releases' test step takes the last one by
